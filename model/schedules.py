@@ -1,0 +1,63 @@
+"""Hyper-parameter schedules (learning rate, weight decay, teacher momentum and temperature).
+
+Same values as the official dinov2 CosineScheduler, but evaluated in closed form per step instead
+of materialising a total_iters-long array.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """[0, freeze_iters) -> 0.0; then warmup_iters linear steps from start_warmup_value to base_value
+    (np.linspace: first step = start, last step = base exactly); then a cosine from base_value
+    towards final_value over the remaining steps; step >= total_iters -> final_value."""
+
+    base_value: float
+    final_value: float
+    total_iters: int
+    warmup_iters: int = 0
+    start_warmup_value: float = 0.0
+    freeze_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_iters < 0 or self.freeze_iters < 0:
+            raise ValueError(
+                f"warmup_iters ({self.warmup_iters}) and freeze_iters ({self.freeze_iters}) must be >= 0"
+            )
+        if self.total_iters < self.warmup_iters + self.freeze_iters:
+            raise ValueError(
+                f"total_iters ({self.total_iters}) must be >= warmup_iters ({self.warmup_iters}) "
+                f"+ freeze_iters ({self.freeze_iters})"
+            )
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step >= self.total_iters:
+            return float(self.final_value)
+        if step < self.freeze_iters:
+            return 0.0
+        i = step - self.freeze_iters
+        if i < self.warmup_iters:
+            # np.linspace(start, base, W): W == 1 yields [start]; the last of W > 1 is base exactly.
+            if i == self.warmup_iters - 1 and self.warmup_iters > 1:
+                return float(self.base_value)
+            fraction = i / (self.warmup_iters - 1) if self.warmup_iters > 1 else 0.0
+            return float(self.start_warmup_value + (self.base_value - self.start_warmup_value) * fraction)
+        i -= self.warmup_iters
+        n = self.total_iters - self.warmup_iters - self.freeze_iters
+        # Official: np.arange(n) with cos(pi * i / n), so the last step stops one short of final_value.
+        return float(
+            self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + math.cos(math.pi * i / n))
+        )
+
+
+def sqrt_scaled_lr(base_lr: float, total_batch_size: int) -> float:
+    """DINOv2's 'sqrt_wrt_1024' rule: lr = base_lr * sqrt(total_batch_size / 1024)."""
+    if total_batch_size <= 0:
+        raise ValueError(f"total_batch_size must be > 0, got {total_batch_size}")
+    return base_lr * math.sqrt(total_batch_size / 1024)

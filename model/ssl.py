@@ -1,0 +1,145 @@
+"""The DINOv2 self-supervised objective: student/teacher networks and one training step.
+
+Paper §4: an EMA teacher sees the two global crops; the student sees the global crops
+(half of them with iBOT block masks) and the local crops, packed through one forward.
+Loss = DINO (image level, on CLS) + iBOT (masked patches) + 0.1 * KoLeo (on the student's
+global CLS features), with separate DINO and iBOT heads.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dinoforge.model.heads import DINOHead
+from dinoforge.model.losses import SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from dinoforge.model.vit import DinoVisionTransformer
+
+CENTERINGS = ("sinkhorn_knopp", "softmax")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    n_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Defaults are the official ``ssl_default_config.yaml`` values."""
+
+    dino_head: HeadConfig = field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = field(default_factory=HeadConfig)
+    separate_ibot_head: bool = True
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    student_temperature: float = 0.1
+    centering: str = "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    mask_probability: float = 0.5
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
+        low, high = self.mask_ratio_min_max
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {self.mask_ratio_min_max}")
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ValueError(f"mask_probability must be in [0, 1], got {self.mask_probability}")
+
+
+def _heads(embed_dim: int, cfg: ObjectiveConfig) -> tuple[DINOHead, DINOHead]:
+    def make(head: HeadConfig) -> DINOHead:
+        return DINOHead(embed_dim, head.n_prototypes, head.hidden_dim, head.bottleneck_dim, head.nlayers)
+
+    dino = make(cfg.dino_head)
+    return dino, (make(cfg.ibot_head) if cfg.separate_ibot_head else dino)
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, make_backbone: Callable[[float], DinoVisionTransformer], drop_path_rate: float, cfg: ObjectiveConfig) -> None:
+        """``make_backbone(drop_path_rate)`` builds one backbone; the teacher gets no
+        stochastic depth and starts as a copy of the student (official recipe)."""
+        super().__init__()
+        self.cfg = cfg
+        backbone = make_backbone(drop_path_rate)
+        dino_head, ibot_head = _heads(backbone.embed_dim, cfg)
+        self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
+        teacher_backbone = make_backbone(0.0)
+        teacher_backbone.load_state_dict(backbone.state_dict())
+        teacher_dino = copy.deepcopy(dino_head)
+        teacher_ibot = copy.deepcopy(ibot_head) if cfg.separate_ibot_head else teacher_dino
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone, "dino_head": teacher_dino, "ibot_head": teacher_ibot})
+        self.teacher.requires_grad_(False)
+        if cfg.centering == "softmax":
+            self.dino_center = SoftmaxCentering(cfg.dino_head.n_prototypes, cfg.center_momentum)
+            self.ibot_center = SoftmaxCentering(cfg.ibot_head.n_prototypes, cfg.center_momentum)
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses stochastic depth
+        return self
+
+    def _targets(self, logits: Tensor, temperature: float, center: str) -> Tensor:
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temperature, self.cfg.sinkhorn_iterations)
+        centering: SoftmaxCentering = getattr(self, center)
+        targets = centering.targets(logits, temperature)
+        centering.update(logits)
+        return targets
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor, mask_rows: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """Centred teacher distributions for the global crops' CLS tokens (2B, K) and for
+        the patch tokens at the student's masked positions (M, K)."""
+        out = self.teacher["backbone"].forward_features(global_crops)
+        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_rows]
+        patch_logits = self.teacher["ibot_head"](patches)
+        return self._targets(cls_logits, temperature, "dino_center"), self._targets(patch_logits, temperature, "ibot_center")
+
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor, teacher_temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """global_crops (2B, 3, G, G) and local_crops (nL*B, 3, L, L) are crop-major
+        (all images' crop 0, then crop 1, ...); masks (2B, patches) bool.
+        Returns the total loss and its detached parts."""
+        cfg = self.cfg
+        n_global = 2
+        batch = global_crops.shape[0] // n_global
+        mask_rows = masks.flatten().nonzero().squeeze(1)
+        dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_rows, teacher_temperature)
+
+        crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])
+        outputs = self.student["backbone"].forward_features(crops, [masks] + [None] * (len(crops) - 1))
+        global_cls = outputs[0]["x_norm_clstoken"]
+        cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outputs])
+        student_logits = self.student["dino_head"](cls_tokens)
+        student_patch_logits = self.student["ibot_head"](outputs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_rows])
+
+        k = student_logits.shape[-1]
+        parts = {
+            "dino_loss": dino_loss(
+                student_logits.view(-1, batch, k), dino_targets.view(n_global, batch, k), cfg.student_temperature
+            ),
+            "ibot_loss": ibot_loss(student_patch_logits, ibot_targets, masks, cfg.student_temperature),
+            "koleo_loss": sum(koleo_loss(chunk) for chunk in global_cls.chunk(n_global)),
+        }
+        total = (
+            cfg.dino_loss_weight * parts["dino_loss"]
+            + cfg.ibot_loss_weight * parts["ibot_loss"]
+            + cfg.koleo_loss_weight * parts["koleo_loss"]
+        )
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher <- m * teacher + (1 - m) * student (DINO §3.1), as one fused lerp."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - momentum)

@@ -1,0 +1,177 @@
+"""The ``dinoforge`` command line; subcommands mirror the jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from dinoforge.checkpoint import join, latest_checkpoint
+from dinoforge.config import ConfigError, load_config, preset_names, to_dict
+from dinoforge.data import open_source
+
+log = logging.getLogger("dinoforge")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="smoke", help=f"one of {preset_names()} or a YAML file (default: smoke)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(to_dict(load_config(args.preset, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dinoforge.train import pretrain
+
+    summary = pretrain(load_config(args.preset, args.overrides), args.output, args.max_steps, progress=not args.no_progress)
+    print(json.dumps(summary["last_metrics"] | {"step": summary["step"], "resumed_from": summary["resumed_from"]}))
+    return 0
+
+
+def _resolve_checkpoint(uri: str) -> str:
+    """A checkpoint file, or a run directory (its newest checkpoint)."""
+    if uri.endswith(".pt"):
+        return uri
+    found = latest_checkpoint(uri)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {join(uri, 'checkpoints')}")
+    return found
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dinoforge.export import export_teacher
+
+    meta = export_teacher(_resolve_checkpoint(args.checkpoint), args.out)
+    print(json.dumps({"weights": args.out, **meta}))
+    return 0
+
+
+def knn_eval(weights: str, train: str, test: str, fashion_mnist_root: str, k: int, temperature: float,
+             train_limit: int | None, test_limit: int | None, random_init: bool, seed: int) -> dict:
+    from dinoforge.export import load_backbone
+    from dinoforge.model.knn import extract_features, knn_accuracy, prepare_image
+
+    torch.manual_seed(seed)
+    backbone, meta = load_backbone(weights, random_init=random_init)
+    features, labels = [], []
+    for spec, limit in ((train, train_limit), (test, test_limit)):
+        source = open_source(spec, fashion_mnist_root)
+        count = len(source) if limit is None else min(limit, len(source))
+        items = [source.get(i) for i in range(count)]
+        images = [prepare_image(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]) for img, _ in items]
+        features.append(extract_features(backbone, images))
+        labels.append(torch.tensor([label for _, label in items]))
+    result = knn_accuracy(features[0], labels[0], features[1], labels[1], k=k, temperature=temperature)
+    return {
+        "protocol": "knn", "k": k, "temperature": temperature, **result,
+        "n_train": len(labels[0]), "n_test": len(labels[1]), "weights": weights,
+        "init": "random" if random_init else "trained",
+    }
+
+
+def cmd_evaluate_knn(args: argparse.Namespace) -> int:
+    result = knn_eval(args.weights, args.train, args.test, args.fashion_mnist_root, args.k, args.temperature,
+                      args.train_limit, args.test_limit, args.random_init, args.seed)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Pretrain -> export -> k-NN of the trained teacher and of the same network at random init."""
+    from dinoforge.export import export_teacher
+    from dinoforge.train import pretrain
+
+    cfg = load_config(args.preset, args.overrides)
+    started = time.perf_counter()
+    summary = pretrain(cfg, args.output, args.max_steps, progress=not args.no_progress)
+    train_seconds = time.perf_counter() - started
+    weights = join(args.output, "export", "teacher_backbone.pth")
+    export_teacher(_resolve_checkpoint(args.output), weights)
+    results = {}
+    for init in ("trained", "random"):
+        results[init] = knn_eval(weights, args.train, args.test, cfg.data.fashion_mnist_root, 20, 0.07,
+                                 args.train_limit, args.test_limit, init == "random", cfg.train.seed)
+        print(json.dumps(results[init]))
+    print(json.dumps({
+        "pipeline": "pretrain+export+knn", "steps": summary["step"], "train_seconds": round(train_seconds, 1),
+        "knn_top1_trained": results["trained"]["top1"], "knn_top1_random_init": results["random"]["top1"],
+        "gain_points": results["trained"]["top1"] - results["random"]["top1"], "weights": weights,
+    }))
+    return 0
+
+
+def _add_knn_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", default="fashion-mnist:train", help="labelled train set (default: fashion-mnist:train)")
+    parser.add_argument("--test", default="fashion-mnist:test", help="labelled test set (default: fashion-mnist:test)")
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train images")
+    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinoforge", description="DINOv2 pretraining, export and evaluation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (resumes from the newest checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--output", required=True, help="run directory URI (local path, file://, s3://, gs://)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this global step (schedules keep the preset's length)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="write the teacher backbone in the official DINOv2 key format (+ OUT.json)")
+    p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
+    p.add_argument("out", help="output weights URI, e.g. teacher.pth")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="evaluate frozen features")
+    protocols = p.add_subparsers(dest="protocol", required=True)
+    knn = protocols.add_parser("knn", help="weighted k-NN on CLS features (cosine, k=20, T=0.07)")
+    knn.add_argument("--weights", required=True, help="exported weights (.pth with its .json beside it)")
+    _add_knn_data_args(knn)
+    knn.add_argument("--fashion-mnist-root", default="/usr/share/datasets/fashion-mnist")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--random-init", action="store_true", help="same architecture with random weights (baseline)")
+    knn.add_argument("--seed", type=int, default=0)
+    knn.set_defaults(func=cmd_evaluate_knn)
+
+    p = sub.add_parser("pipeline", help="pretrain, export and k-NN-evaluate (trained vs random init) in one go")
+    _add_config_args(p)
+    p.add_argument("--output", required=True, help="run directory URI")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    _add_knn_data_args(p)
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"dinoforge: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

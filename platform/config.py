@@ -1,0 +1,224 @@
+"""Typed, frozen run configuration: YAML presets + ``KEY=VALUE`` overrides.
+
+The dataclass defaults are the official DINOv2 ``ssl_default_config.yaml`` values; a preset
+(``platform/presets/NAME.yaml``) lists only what differs. Every key is checked: an unknown
+key or a value of the wrong type fails at load time with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dinoforge.model.augment import MultiCropSpec
+from dinoforge.model.ssl import ObjectiveConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "vit_large"
+    patch_size: int = 16
+    img_size: int | None = None  # position-embedding grid size; None: the global crop size (official training)
+    in_chans: int = 3
+    num_register_tokens: int = 0
+    ffn_layer: str | None = None  # None: the architecture's default
+    drop_path_rate: float = 0.3
+    drop_path_uniform: bool = True
+    layerscale_init: float = 1e-5
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 100
+    epoch_length: int = 1250  # the official OFFICIAL_EPOCH_LENGTH: an "epoch" is a fixed number of steps
+    base_lr: float = 0.004  # for a total batch of 1024 under the sqrt rule
+    scaling_rule: str = "sqrt_wrt_1024"
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.scaling_rule not in ("sqrt_wrt_1024", "none"):
+            raise ValueError(f"scaling_rule must be 'sqrt_wrt_1024' or 'none', got {self.scaling_rule!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"  # 'fashion-mnist[:train|test]' or 'folder:PATH'
+    fashion_mnist_root: str = "/usr/share/datasets/fashion-mnist"
+    num_workers: int = 2
+    eval_crop_ratio: float = 0.875  # evaluation: resize the shorter side to size / ratio, centre crop (224 <- 256)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size_per_gpu: int = 64
+    seed: int = 0
+    log_period: int = 10
+    checkpoint_period: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    crops: MultiCropSpec = field(default_factory=MultiCropSpec)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.optim.epochs * self.optim.epoch_length
+
+
+# -- building dataclasses from plain data ----------------------------------------------
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return build(annotation, value, prefix=f"{key}.")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{key}' has an unsupported type {annotation!r}")
+    raise ConfigError(f"config key '{key}' expects {annotation.__name__}, got {value!r}")
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiates dataclass ``cls`` from nested plain data, validating every key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys: {', '.join(sorted(names))})")
+    kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"invalid config section '{prefix.rstrip('.') or cls.__name__}': {err}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML-friendly data (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(config))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``optim.base_lr=1e-3`` -> {'optim': {'base_lr': 0.001}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form KEY=VALUE")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name (or path to a YAML file) plus overrides -> validated ``Config``."""
+    data: dict[str, Any] = {}
+    if preset:
+        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a YAML file")
+        data = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        data = _merge(data, parse_override(override))
+    return build(Config, data)

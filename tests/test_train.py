@@ -1,0 +1,94 @@
+"""The training loop end to end on Fashion-MNIST: exact resume, worker-count independence,
+metrics, export in the official key format, and the k-NN command."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dinoforge.checkpoint import latest_checkpoint, load_checkpoint
+from dinoforge.cli import main
+from dinoforge.config import load_config
+from dinoforge.export import export_teacher, load_backbone
+from dinoforge.train import pretrain
+
+TINY = [
+    "model.arch=vit_nano", "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    "objective.dino_head.n_prototypes=64", "objective.ibot_head.n_prototypes=64",
+    "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32",
+    "optim.epochs=2", "optim.epoch_length=3", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "train.batch_size_per_gpu=8", "train.log_period=1", "train.checkpoint_period=2", "train.keep_checkpoints=2",
+    "model.drop_path_rate=0.2", "data.num_workers=0",
+]
+
+
+def final_state(output):
+    return load_checkpoint(latest_checkpoint(str(output)))
+
+
+def metrics(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("straight")
+    summary = pretrain(load_config("smoke", TINY), str(output), progress=False)
+    return output, summary
+
+
+def test_straight_run_writes_metrics_config_and_checkpoints(straight_run):
+    output, summary = straight_run
+    assert summary["step"] == 6 and summary["resumed_from"] is None
+    rows = metrics(output)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[0]["lr"] == 0.0 and rows[2]["lr"] > 0  # linear warmup from 0 over the first epoch (3 steps)
+    assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[-1]["teacher_temp"] == pytest.approx(0.07)
+    kept = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert kept == ["step_00000004.pt", "step_00000006.pt"]  # retention of the newest 2
+    written = yaml.safe_load((output / "config.yaml").read_text())
+    assert written["model"]["arch"] == "vit_nano" and written["train"]["batch_size_per_gpu"] == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_is_bitwise_identical(straight_run, tmp_path, workers):
+    reference, _ = straight_run
+    cfg = load_config("smoke", TINY + [f"data.num_workers={workers}"])
+    first = pretrain(cfg, str(tmp_path), max_steps=4, progress=False)
+    assert first["step"] == 4
+    second = pretrain(cfg, str(tmp_path), progress=False)
+    assert second["start_step"] == 4 and second["resumed_from"].endswith("step_00000004.pt")
+    expected, got = final_state(reference), final_state(tmp_path)
+    assert expected["model"].keys() == got["model"].keys()
+    for key in expected["model"]:
+        assert torch.equal(expected["model"][key], got["model"][key]), key
+    assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference)]
+
+
+def test_export_official_keys_and_knn_command(straight_run, tmp_path, capsys):
+    output, _ = straight_run
+    weights = tmp_path / "teacher.pth"
+    assert main(["export", str(output), str(weights)]) == 0
+    meta = json.loads((tmp_path / "teacher.json").read_text())
+    for key in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "num_register_tokens", "ffn_layer",
+                "interpolate_offset", "interpolate_antialias", "image_size", "mean", "std"):
+        assert key in meta, key
+    assert (meta["embed_dim"], meta["depth"], meta["num_heads"], meta["patch_size"], meta["image_size"]) == (128, 4, 4, 4, 16)
+    state = torch.load(weights, weights_only=True)
+    assert "cls_token" in state and "blocks.0.attn.qkv.weight" in state and not any(k.startswith("teacher") for k in state)
+    backbone, _ = load_backbone(str(weights))
+    teacher = final_state(output)["model"]
+    assert torch.equal(backbone.state_dict()["pos_embed"], teacher["teacher.backbone.pos_embed"])
+    capsys.readouterr()
+    assert main(["evaluate", "knn", "--weights", str(weights), "--train-limit", "500", "--test-limit", "200"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["protocol"] == "knn" and result["n_train"] == 500 and result["n_test"] == 200 and 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_pretrain_cli_rejects_bad_override(tmp_path, capsys):
+    assert main(["pretrain", "--output", str(tmp_path), "optim.nonsense=1"]) == 2
+    assert "unknown config key 'optim.nonsense'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started
