@@ -56,6 +56,8 @@ class MultiCropSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     blur: str = "intended"  # or "official"; see BLUR_PROBABILITIES
+    # Gaussian sigma range in output pixels; the official (0.1, 2.0) is meant for 224-px crops.
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
 
     def __post_init__(self) -> None:
         # Reflect padding of the 9-tap blur needs more than 4 pixels per side.
@@ -76,6 +78,8 @@ class MultiCropSpec:
             raise ValueError(f"std must have 3 positive values, got {self.std!r}")
         if self.blur not in BLUR_PROBABILITIES:
             raise ValueError(f"blur must be one of {sorted(BLUR_PROBABILITIES)}, got {self.blur!r}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.blur_sigma!r}")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -335,7 +339,8 @@ CROP_UNIFORMS = CROP_BOX_UNIFORMS + JITTER_UNIFORMS + 6
 
 
 def crop_params(
-    height: int, width: int, scale: tuple[float, float], blur_p: float, solarize_p: float, u: Sequence[float]
+    height: int, width: int, scale: tuple[float, float], blur_p: float, solarize_p: float, u: Sequence[float],
+    blur_sigma: tuple[float, float] = BLUR_SIGMA,
 ) -> CropParams:
     """One crop's decisions from CROP_UNIFORMS uniforms.  A fixed count per crop means that,
     e.g., whether crop k is blurred never shifts the random stream of the crops after it."""
@@ -347,7 +352,7 @@ def crop_params(
         flip=flip < FLIP_P,
         jitter=jitter if apply_jitter < COLOR_JITTER_P else (),
         grayscale=gray < GRAYSCALE_P,
-        blur_sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * sigma if blur < blur_p else None,
+        blur_sigma=blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * sigma if blur < blur_p else None,
         solarize=solar < solarize_p,
     )
 
@@ -388,11 +393,11 @@ class MultiCropAugmentation:
         u = torch.rand(2 + spec.local_crops_number, CROP_UNIFORMS, generator=generator, dtype=torch.float64).tolist()
         return {
             "global_crops": [
-                crop_params(height, width, spec.global_crops_scale, blur_g1, 0.0, u[0]),
-                crop_params(height, width, spec.global_crops_scale, blur_g2, SOLARIZE_P, u[1]),
+                crop_params(height, width, spec.global_crops_scale, blur_g1, 0.0, u[0], spec.blur_sigma),
+                crop_params(height, width, spec.global_crops_scale, blur_g2, SOLARIZE_P, u[1], spec.blur_sigma),
             ],
             "local_crops": [
-                crop_params(height, width, spec.local_crops_scale, blur_local, 0.0, row) for row in u[2:]
+                crop_params(height, width, spec.local_crops_scale, blur_local, 0.0, row, spec.blur_sigma) for row in u[2:]
             ],
         }
 

@@ -66,11 +66,14 @@ def _heads(embed_dim: int, cfg: ObjectiveConfig) -> tuple[DINOHead, DINOHead]:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, make_backbone: Callable[[float], DinoVisionTransformer], drop_path_rate: float, cfg: ObjectiveConfig) -> None:
+    def __init__(self, make_backbone: Callable[[float], DinoVisionTransformer], drop_path_rate: float, cfg: ObjectiveConfig,
+                 packed: bool = True) -> None:
         """``make_backbone(drop_path_rate)`` builds one backbone; the teacher gets no
-        stochastic depth and starts as a copy of the student (official recipe)."""
+        stochastic depth and starts as a copy of the student (official recipe).
+        ``packed=False`` runs the student once per crop instead (the benchmark baseline)."""
         super().__init__()
         self.cfg = cfg
+        self.packed = packed
         backbone = make_backbone(drop_path_rate)
         dino_head, ibot_head = _heads(backbone.embed_dim, cfg)
         self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
@@ -118,7 +121,7 @@ class SSLMetaArch(nn.Module):
         dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_rows, teacher_temperature)
 
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])
-        outputs = self.student["backbone"].forward_features(crops, [masks] + [None] * (len(crops) - 1))
+        outputs = self._student_features(crops, [masks] + [None] * (len(crops) - 1), batch)
         global_cls = outputs[0]["x_norm_clstoken"]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outputs])
         student_logits = self.student["dino_head"](cls_tokens)
@@ -138,6 +141,20 @@ class SSLMetaArch(nn.Module):
             + cfg.koleo_loss_weight * parts["koleo_loss"]
         )
         return total, {name: value.detach() for name, value in parts.items()}
+
+    def _student_features(self, crops: list[Tensor], masks: list[Tensor | None], batch: int) -> list[dict]:
+        backbone = self.student["backbone"]
+        if self.packed:
+            return backbone.forward_features(crops, masks)
+        outputs = []
+        for images, group_masks in zip(crops, masks):
+            n_crops = len(images) // batch
+            per_crop = [
+                backbone.forward_features(x, m)
+                for x, m in zip(images.chunk(n_crops), group_masks.chunk(n_crops) if group_masks is not None else [None] * n_crops)
+            ]
+            outputs.append({key: torch.cat([out[key] for out in per_crop]) for key in ("x_norm_clstoken", "x_norm_patchtokens")})
+        return outputs
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -55,13 +55,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def knn_eval(weights: str, train: str, test: str, fashion_mnist_root: str, k: int, temperature: float,
-             train_limit: int | None, test_limit: int | None, random_init: bool, seed: int) -> dict:
-    from dinoforge.export import load_backbone
+def knn_eval(backbone: torch.nn.Module, meta: dict, train: str, test: str, fashion_mnist_root: str, k: int = 20,
+             temperature: float = 0.07, train_limit: int | None = None, test_limit: int | None = None) -> dict:
+    """k-NN top-1/top-5 of ``backbone``'s CLS features, images prepared as ``meta`` says."""
     from dinoforge.model.knn import extract_features, knn_accuracy, prepare_image
 
-    torch.manual_seed(seed)
-    backbone, meta = load_backbone(weights, random_init=random_init)
     features, labels = [], []
     for spec, limit in ((train, train_limit), (test, test_limit)):
         source = open_source(spec, fashion_mnist_root)
@@ -71,23 +69,25 @@ def knn_eval(weights: str, train: str, test: str, fashion_mnist_root: str, k: in
         features.append(extract_features(backbone, images))
         labels.append(torch.tensor([label for _, label in items]))
     result = knn_accuracy(features[0], labels[0], features[1], labels[1], k=k, temperature=temperature)
-    return {
-        "protocol": "knn", "k": k, "temperature": temperature, **result,
-        "n_train": len(labels[0]), "n_test": len(labels[1]), "weights": weights,
-        "init": "random" if random_init else "trained",
-    }
+    return {"protocol": "knn", "k": k, "temperature": temperature, **result, "n_train": len(labels[0]), "n_test": len(labels[1])}
 
 
 def cmd_evaluate_knn(args: argparse.Namespace) -> int:
-    result = knn_eval(args.weights, args.train, args.test, args.fashion_mnist_root, args.k, args.temperature,
-                      args.train_limit, args.test_limit, args.random_init, args.seed)
-    print(json.dumps(result))
+    from dinoforge.export import load_backbone
+
+    torch.manual_seed(args.seed)
+    backbone, meta = load_backbone(args.weights, random_init=args.random_init)
+    result = knn_eval(backbone, meta, args.train, args.test, args.fashion_mnist_root, args.k, args.temperature,
+                      args.train_limit, args.test_limit)
+    print(json.dumps({**result, "weights": args.weights, "init": "random" if args.random_init else "trained"}))
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """Pretrain -> export -> k-NN of the trained teacher and of the same network at random init."""
-    from dinoforge.export import export_teacher
+    """Pretrain -> export -> k-NN of the trained teacher and of the same network at random
+    init, both as initialised for training (LayerScale 1e-5: the CLS output is nearly
+    constant) and with LayerScale 1 (a random ViT whose blocks all contribute)."""
+    from dinoforge.export import build_from_meta, export_teacher, load_backbone
     from dinoforge.train import pretrain
 
     cfg = load_config(args.preset, args.overrides)
@@ -96,15 +96,25 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - started
     weights = join(args.output, "export", "teacher_backbone.pth")
     export_teacher(_resolve_checkpoint(args.output), weights)
-    results = {}
-    for init in ("trained", "random"):
-        results[init] = knn_eval(weights, args.train, args.test, cfg.data.fashion_mnist_root, 20, 0.07,
-                                 args.train_limit, args.test_limit, init == "random", cfg.train.seed)
-        print(json.dumps(results[init]))
+    trained, meta = load_backbone(weights)
+    torch.manual_seed(cfg.train.seed)
+    candidates = {
+        "trained": trained,
+        "random_init": build_from_meta(meta).eval(),
+        "random_init_layerscale1": build_from_meta({**meta, "layerscale_init": 1.0}).eval(),
+    }
+    top1 = {}
+    for name, backbone in candidates.items():
+        result = knn_eval(backbone, meta, args.train, args.test, cfg.data.fashion_mnist_root,
+                          train_limit=args.train_limit, test_limit=args.test_limit)
+        print(json.dumps({**result, "init": name}))
+        top1[name] = result["top1"]
     print(json.dumps({
         "pipeline": "pretrain+export+knn", "steps": summary["step"], "train_seconds": round(train_seconds, 1),
-        "knn_top1_trained": results["trained"]["top1"], "knn_top1_random_init": results["random"]["top1"],
-        "gain_points": results["trained"]["top1"] - results["random"]["top1"], "weights": weights,
+        **{f"knn_top1_{name}": value for name, value in top1.items()},
+        "gain_points_vs_random_init": top1["trained"] - top1["random_init"],
+        "gain_points_vs_random_init_layerscale1": top1["trained"] - top1["random_init_layerscale1"],
+        "weights": weights,
     }))
     return 0
 

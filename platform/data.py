@@ -167,6 +167,7 @@ def multicrop_loader(
         collate_fn=collate_multicrop,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
         # Its own generator: creating the iterator must not draw from the global RNG, whose
         # state (stochastic depth) is checkpointed.

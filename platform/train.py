@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -89,11 +90,10 @@ def _unique_modules(modules) -> list[torch.nn.Module]:
     return unique
 
 
-def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, masks: torch.Tensor, values: dict, clip_grad: float) -> dict[str, float]:
-    """Forward, backward with gradient clipping per student module, AdamW, EMA teacher."""
+def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, masks: torch.Tensor, values: dict, clip_grad: float) -> dict[str, torch.Tensor]:
+    """Forward, backward with gradient clipping per student module, AdamW, EMA teacher.
+    Returns the detached losses (tensors: reading them would synchronise a GPU)."""
     loss, parts = model(batch["global_crops"], batch.get("local_crops"), masks, values["teacher_temp"])
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in parts.items()} })")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -101,15 +101,27 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
     optimizer.step()
     model.update_teacher(values["momentum"])
-    return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+    return {"loss": loss.detach(), **parts}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: bool = True) -> dict:
     """Trains until ``cfg.total_steps`` (or ``max_steps`` in this invocation's total),
     resuming from the newest checkpoint under ``output``. Returns a summary."""
     torch.manual_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = cfg.train.batch_size_per_gpu
-    model = build_meta_arch(cfg)
+    model = build_meta_arch(cfg).to(device)
     model.train()
     optimizer = torch.optim.AdamW(
         param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
@@ -121,6 +133,9 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
     resumed_from = latest_checkpoint(output)
     if resumed_from:
         state = load_checkpoint(resumed_from)
+        changed = _changed_keys(state["config"], to_dict(cfg))
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -146,14 +161,14 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
         batches = iter(loader)
         tick, window_start = time.perf_counter(), start_step
         for step in range(start_step, end_step):
-            batch = next(batches)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             masks = sample_masks(
                 n_global_images,
                 (grid, grid),
                 torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, -2)),
                 cfg.objective.mask_probability,
                 cfg.objective.mask_ratio_min_max,
-            )
+            ).to(device)
             values = {
                 "lr": schedules.lr(step),
                 "wd": schedules.weight_decay(step),
@@ -163,7 +178,13 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
             apply_schedules(optimizer, values["lr"], schedules.last_layer_lr(step), values["wd"])
             losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad)
             done = step + 1
-            if done % cfg.train.log_period == 0 or done == end_step:
+            log_now = done % cfg.train.log_period == 0 or done == end_step
+            save_now = done % cfg.train.checkpoint_period == 0 or done == end_step
+            if log_now or save_now:  # never checkpoint diverged weights
+                losses = {k: v.item() for k, v in losses.items()}
+                if not all(map(math.isfinite, losses.values())):
+                    raise FloatingPointError(f"non-finite loss at step {done}: {losses}")
+            if log_now:
                 elapsed = time.perf_counter() - tick
                 record = {"step": done, **losses, **values, "images_per_s": (done - window_start) * batch_size / elapsed}
                 metrics.write(json.dumps(record) + "\n")
@@ -171,7 +192,7 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
                 bar.update(task, status=f"loss {losses['loss']:.3f} {record['images_per_s']:.0f} img/s")
                 tick, window_start = time.perf_counter(), done
             bar.update(task, completed=done)
-            if done % cfg.train.checkpoint_period == 0 or done == end_step:
+            if save_now:
                 state = {
                     "step": done,
                     "model": model.state_dict(),

@@ -222,11 +222,24 @@ def test_apply_rejects_bad_images():
         ("mean", (0.5, 0.5)),
         ("std", (0.2, 0.0, 0.2)),
         ("blur", "sometimes"),
+        ("blur_sigma", (0.5, 0.1)),
     ],
 )
 def test_spec_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MultiCropSpec(**{field: value})
+
+
+def test_blur_sigma_range_follows_the_spec():
+    aug = MultiCropAugmentation(MultiCropSpec(global_crops_size=16, local_crops_size=8, blur_sigma=(0.2, 0.3)))
+    sigmas = [
+        p.blur_sigma
+        for seed in range(50)
+        for crops in aug.sample_params(28, 28, torch.Generator().manual_seed(seed)).values()
+        for p in crops
+        if p.blur_sigma is not None
+    ]
+    assert len(sigmas) > 100 and min(sigmas) >= 0.2 and max(sigmas) <= 0.3 and max(sigmas) - min(sigmas) > 0.09
 
 
 # --------------------------------------------------------------------------- geometry

@@ -106,3 +106,20 @@ def test_schedules_follow_recipe():
     assert s.momentum(0) == pytest.approx(0.994) and s.momentum(cfg.total_steps) == 1.0
     assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(cfg.total_steps - 1) == pytest.approx(0.2, abs=1e-6)
     assert s.last_layer_lr(epoch - 1) == 0.0 and s.last_layer_lr(epoch) == s.lr(epoch)
+
+
+def test_packed_and_per_crop_student_give_the_same_step():
+    cfg = load_config("smoke", TINY + ["model.drop_path_rate=0.0"])
+    torch.manual_seed(0)
+    model = build_meta_arch(cfg).train()
+    batch = tiny_batch(cfg)
+    results = []
+    for packed in (True, False):
+        model.packed = packed
+        model.zero_grad()
+        loss, parts = model(*batch, teacher_temperature=0.05)
+        loss.backward()
+        grad = model.student["backbone"].blocks[0].attn.qkv.weight.grad.clone()
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)

@@ -92,3 +92,16 @@ def test_pretrain_cli_rejects_bad_override(tmp_path, capsys):
     assert main(["pretrain", "--output", str(tmp_path), "optim.nonsense=1"]) == 2
     assert "unknown config key 'optim.nonsense'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_resume_with_changed_config_warns_naming_keys(straight_run, tmp_path, caplog):
+    output, _ = straight_run
+    target = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(output, target)
+    cfg = load_config("smoke", TINY + ["train.log_period=2", "optim.epochs=3"])
+    with caplog.at_level("WARNING", logger="dinoforge.train"):
+        summary = pretrain(cfg, str(target), max_steps=6, progress=False)
+    assert summary["start_step"] == 6 and summary["step"] == 6  # nothing left to do up to max_steps
+    assert "differs from the checkpoint's in: optim.epochs, train.log_period" in caplog.text
