@@ -2,6 +2,7 @@
 metrics, export in the official key format, and the k-NN command."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,25 @@ def test_resume_with_changed_config_warns_naming_keys(straight_run, tmp_path, ca
         summary = pretrain(cfg, str(target), max_steps=6, progress=False)
     assert summary["start_step"] == 6 and summary["step"] == 6  # nothing left to do up to max_steps
     assert "differs from the checkpoint's in: optim.epochs, train.log_period" in caplog.text
+
+
+def test_trains_from_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    from dinoforge.data import ImageFolder
+
+    g = torch.Generator().manual_seed(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (20 + i, 24, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    Image.fromarray(pixels[:, :, 0]).convert("L").save(tmp_path / "images" / "loose.jpg")
+    folder = ImageFolder(tmp_path / "images")
+    assert len(folder) == 13 and folder.classes == ["cats", "dogs"]
+    image, label = folder.get(0)
+    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8 and label == 0
+    assert folder.get(6)[1] == 1 and folder.get(12)[1] == -1 and folder.labels.count(-1) == 1
+    cfg = load_config("smoke", TINY + [f"data.dataset=folder:{tmp_path / 'images'}", "optim.epochs=1", "optim.warmup_epochs=0"])
+    summary = pretrain(cfg, str(tmp_path / "run"), progress=False)
+    assert summary["step"] == 3 and math.isfinite(summary["last_metrics"]["loss"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoforge.model.layers import Block, _kept_rows, swiglu_hidden_dim
-from dinoforge.model.vit import DinoVisionTransformer, build_backbone
+from dinoforge.model import DinoVisionTransformer, build_backbone
 
 OFFICIAL_COUNTS = {"vit_small": 22_056_576, "vit_base": 86_580_480, "vit_large": 304_368_640, "vit_giant2": 1_136_480_768}
 WIDTHS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536}
