@@ -59,11 +59,11 @@ class Schedules:
     freeze_last_layer_steps: int
 
     @classmethod
-    def from_config(cfg_cls, cfg: Config, total_batch_size: int) -> "Schedules":
+    def from_config(cls, cfg: Config, total_batch_size: int) -> "Schedules":
         o, t, epoch = cfg.optim, cfg.teacher, cfg.optim.epoch_length
         total = cfg.total_steps
         lr = sqrt_scaled_lr(o.base_lr, total_batch_size) if o.scaling_rule == "sqrt_wrt_1024" else o.base_lr
-        return cfg_cls(
+        return cls(
             lr=CosineSchedule(lr, o.min_lr, total, warmup_iters=o.warmup_epochs * epoch),
             weight_decay=CosineSchedule(o.weight_decay, o.weight_decay_end, total),
             momentum=CosineSchedule(t.momentum_teacher, t.final_momentum_teacher, total),
