@@ -27,15 +27,13 @@ def prepare_image(image: Tensor, image_size: int, resize_size: int, mean: tuple[
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: list[Tensor] | Tensor, batch_size: int = 256) -> Tensor:
+def extract_features(backbone: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """L2-normalised CLS features (N, D) of prepared images, in eval mode."""
     was_training = backbone.training
     backbone.eval()
     features = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        batch = chunk if isinstance(chunk, Tensor) else torch.stack(list(chunk))
-        features.append(F.normalize(backbone(batch).float(), dim=-1))
+        features.append(F.normalize(backbone(images[start : start + batch_size]).float(), dim=-1))
     backbone.train(was_training)
     return torch.cat(features)
 

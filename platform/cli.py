@@ -55,21 +55,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def knn_eval(backbone: torch.nn.Module, meta: dict, train: str, test: str, fashion_mnist_root: str, k: int = 20,
-             temperature: float = 0.07, train_limit: int | None = None, test_limit: int | None = None) -> dict:
-    """k-NN top-1/top-5 of ``backbone``'s CLS features, images prepared as ``meta`` says."""
-    from dinoforge.model.knn import extract_features, knn_accuracy, prepare_image
+def knn_data(meta: dict, spec: str, fashion_mnist_root: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` labelled images of ``spec``, prepared as ``meta`` says: (N, 3, S, S), (N,)."""
+    from dinoforge.model.knn import prepare_image
 
-    features, labels = [], []
-    for spec, limit in ((train, train_limit), (test, test_limit)):
-        source = open_source(spec, fashion_mnist_root)
-        count = len(source) if limit is None else min(limit, len(source))
-        items = [source.get(i) for i in range(count)]
-        images = [prepare_image(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]) for img, _ in items]
-        features.append(extract_features(backbone, images))
-        labels.append(torch.tensor([label for _, label in items]))
-    result = knn_accuracy(features[0], labels[0], features[1], labels[1], k=k, temperature=temperature)
-    return {"protocol": "knn", "k": k, "temperature": temperature, **result, "n_train": len(labels[0]), "n_test": len(labels[1])}
+    source = open_source(spec, fashion_mnist_root)
+    items = [source.get(i) for i in range(len(source) if limit is None else min(limit, len(source)))]
+    images = torch.stack([prepare_image(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]) for img, _ in items])
+    return images, torch.tensor([label for _, label in items])
+
+
+def knn_eval(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+             k: int = 20, temperature: float = 0.07) -> dict:
+    """k-NN top-1/top-5 of ``backbone``'s CLS features on prepared (images, labels) sets."""
+    from dinoforge.model.knn import extract_features, knn_accuracy
+
+    result = knn_accuracy(extract_features(backbone, train[0]), train[1], extract_features(backbone, test[0]), test[1],
+                          k=k, temperature=temperature)
+    return {"protocol": "knn", "k": k, "temperature": temperature, **result, "n_train": len(train[1]), "n_test": len(test[1])}
 
 
 def cmd_evaluate_knn(args: argparse.Namespace) -> int:
@@ -77,8 +80,9 @@ def cmd_evaluate_knn(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     backbone, meta = load_backbone(args.weights, random_init=args.random_init)
-    result = knn_eval(backbone, meta, args.train, args.test, args.fashion_mnist_root, args.k, args.temperature,
-                      args.train_limit, args.test_limit)
+    train = knn_data(meta, args.train, args.fashion_mnist_root, args.train_limit)
+    test = knn_data(meta, args.test, args.fashion_mnist_root, args.test_limit)
+    result = knn_eval(backbone, train, test, args.k, args.temperature)
     print(json.dumps({**result, "weights": args.weights, "init": "random" if args.random_init else "trained"}))
     return 0
 
@@ -103,10 +107,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         "random_init": build_from_meta(meta).eval(),
         "random_init_layerscale1": build_from_meta({**meta, "layerscale_init": 1.0}).eval(),
     }
+    train = knn_data(meta, args.train, cfg.data.fashion_mnist_root, args.train_limit)  # prepared once for all three
+    test = knn_data(meta, args.test, cfg.data.fashion_mnist_root, args.test_limit)
     top1 = {}
     for name, backbone in candidates.items():
-        result = knn_eval(backbone, meta, args.train, args.test, cfg.data.fashion_mnist_root,
-                          train_limit=args.train_limit, test_limit=args.test_limit)
+        result = knn_eval(backbone, train, test)
         print(json.dumps({**result, "init": name}))
         top1[name] = result["top1"]
     print(json.dumps({

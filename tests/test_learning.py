@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from dinoforge.cli import knn_eval, main
+from dinoforge.cli import knn_data, knn_eval, main
 from dinoforge.config import load_config
 from dinoforge.export import build_from_meta, export_teacher, load_backbone
 from dinoforge.train import pretrain
@@ -27,10 +27,10 @@ def test_short_training_beats_random_init(tmp_path):
     trained, meta = load_backbone(weights)
     torch.manual_seed(0)
     random = build_from_meta(meta).eval()
-    data = dict(train="fashion-mnist:train", test="fashion-mnist:test", fashion_mnist_root=cfg.data.fashion_mnist_root,
-                train_limit=5000, test_limit=1000)
-    trained_top1 = knn_eval(trained, meta, **data)["top1"]
-    random_top1 = knn_eval(random, meta, **data)["top1"]
+    train = knn_data(meta, "fashion-mnist:train", cfg.data.fashion_mnist_root, 5000)
+    test = knn_data(meta, "fashion-mnist:test", cfg.data.fashion_mnist_root, 1000)
+    trained_top1 = knn_eval(trained, train, test)["top1"]
+    random_top1 = knn_eval(random, train, test)["top1"]
     print(f"k-NN top-1 after 60 steps: trained {trained_top1:.1f} vs random init {random_top1:.1f}")
     assert trained_top1 >= random_top1 + 10
 
