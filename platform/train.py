@@ -139,6 +139,8 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state:  # stochastic depth draws on the model's device
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_step = state["step"]
         log.info("resumed from %s at step %d", resumed_from, start_step)
 
@@ -198,6 +200,7 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {}),
                     "config": to_dict(cfg),
                 }
                 save_checkpoint(state, output, done, cfg.train.keep_checkpoints)
