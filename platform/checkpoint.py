@@ -12,11 +12,9 @@ import re
 import fsspec
 import torch
 
+from dinoforge.data.storage import join
+
 _NAME = re.compile(r"step_(\d{8})\.pt$")
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
 
 
 def _checkpoints(fs: fsspec.AbstractFileSystem, directory: str) -> list[tuple[int, str]]:

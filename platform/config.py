@@ -76,10 +76,28 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"  # 'fashion-mnist[:train|test]' or 'folder:PATH'
+    dataset: str = "fashion-mnist"  # 'fashion-mnist[:train|test]', 'manifest:URI' or 'folder:URI'
     fashion_mnist_root: str = "/usr/share/datasets/fashion-mnist"
     num_workers: int = 2
     eval_crop_ratio: float = 0.875  # evaluation: resize the shorter side to size / ratio, centre crop (224 <- 256)
+    io_threads: int = 8  # concurrent reads per loader worker (object-store latency overlaps)
+    cache_bytes: int = 0  # per-worker LRU cache of image bytes; worth it when the data fits
+    verify_hash: bool = True  # check each image's SHA-256 against the manifest
+    max_image_pixels: int = 89_478_485  # larger images are skipped (PIL's decompression-bomb limit)
+    min_image_side: int = 16  # images with a shorter side below this are skipped
+    # JPEGs decode at a reduced DCT scale (1/2..1/8) while the shorter side stays >= this (0: full
+    # size). At 448 the smallest default crop regions (5% / 32% of the area, aspect 3:4) keep
+    # >= 87 / 219 px on their shorter side: at most 1.13x / 1.02x upsampling to 98 / 224 px.
+    decode_short_side: int = 448
+    max_substitutes: int = 16  # bad images replaced in a row before the run fails
+
+    def __post_init__(self) -> None:
+        for name in ("io_threads", "max_image_pixels", "min_image_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "cache_bytes", "decode_short_side", "max_substitutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dinoforge.checkpoint import join, latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoforge.config import Config, ModelConfig, to_dict
-from dinoforge.data import multicrop_loader, open_source, sample_seed
+from dinoforge.data import open_source
+from dinoforge.data.stream import MASK_STREAM, SkipLedger, multicrop_loader, sample_seed
 from dinoforge.model.augment import MultiCropAugmentation
 from dinoforge.model.masking import sample_masks
 from dinoforge.model.optim import apply_schedules, param_groups
@@ -129,7 +130,9 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
     )
     schedules = Schedules.from_config(cfg, batch_size)
 
-    start_step = 0
+    source = open_source(cfg.data.dataset, cfg.data)
+    dataset_digest = source.manifest.digest if hasattr(source, "manifest") else cfg.data.dataset
+    start_step, start_position, skips = 0, 0, SkipLedger()
     resumed_from = latest_checkpoint(output)
     if resumed_from:
         state = load_checkpoint(resumed_from)
@@ -141,7 +144,11 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:  # stochastic depth draws on the model's device
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
+        start_step, start_position = state["step"], state["data"]["position"]
+        skips.load_state_dict(state["data"]["skipped"])
+        if state["data"]["dataset"] != dataset_digest:
+            log.warning("resuming on a different dataset (%s, checkpoint: %s): the sample stream will not continue exactly",
+                        dataset_digest, state["data"]["dataset"])
         log.info("resumed from %s at step %d", resumed_from, start_step)
 
     fs, root = fsspec.core.url_to_fs(output)
@@ -150,9 +157,8 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
         yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
 
     end_step = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
-    source = open_source(cfg.data.dataset, cfg.data.fashion_mnist_root)
     loader = multicrop_loader(
-        source, MultiCropAugmentation(cfg.crops), batch_size, cfg.train.seed, start_step, cfg.data.num_workers
+        source, MultiCropAugmentation(cfg.crops), batch_size, cfg.train.seed, start_position, cfg.data.num_workers
     )
     grid = cfg.crops.global_crops_size // cfg.model.patch_size
     n_global_images = 2 * batch_size
@@ -163,11 +169,13 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
         batches = iter(loader)
         tick, window_start = time.perf_counter(), start_step
         for step in range(start_step, end_step):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            skips.record(batch.pop("skipped"))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             masks = sample_masks(
                 n_global_images,
                 (grid, grid),
-                torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, -2)),
+                torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, MASK_STREAM)),
                 cfg.objective.mask_probability,
                 cfg.objective.mask_ratio_min_max,
             ).to(device)
@@ -188,7 +196,10 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
                     raise FloatingPointError(f"non-finite loss at step {done}: {losses}")
             if log_now:
                 elapsed = time.perf_counter() - tick
-                record = {"step": done, **losses, **values, "images_per_s": (done - window_start) * batch_size / elapsed}
+                record = {
+                    "step": done, **losses, **values, "images_per_s": (done - window_start) * batch_size / elapsed,
+                    "skipped_images": skips.by_reason(), "skip_events": skips.events,
+                }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(task, status=f"loss {losses['loss']:.3f} {record['images_per_s']:.0f} img/s")
@@ -202,7 +213,9 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
                     "torch_rng": torch.get_rng_state(),
                     **({"cuda_rng": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {}),
                     "config": to_dict(cfg),
+                    "data": {"position": start_position + (done - start_step) * batch_size, "dataset": dataset_digest, "skipped": skips.state_dict()},
                 }
                 save_checkpoint(state, output, done, cfg.train.keep_checkpoints)
                 last_saved = done
-    return {"step": end_step, "start_step": start_step, "resumed_from": resumed_from, "last_checkpoint_step": last_saved, "last_metrics": record}
+    return {"step": end_step, "start_step": start_step, "resumed_from": resumed_from, "last_checkpoint_step": last_saved, "last_metrics": record,
+            "skipped_images": skips.by_reason()}

@@ -27,8 +27,8 @@ def test_short_training_beats_random_init(tmp_path):
     trained, meta = load_backbone(weights)
     torch.manual_seed(0)
     random = build_from_meta(meta).eval()
-    train = knn_data(meta, "fashion-mnist:train", cfg.data.fashion_mnist_root, 5000)
-    test = knn_data(meta, "fashion-mnist:test", cfg.data.fashion_mnist_root, 1000)
+    train = knn_data(meta, "fashion-mnist:train", cfg.data, 5000)
+    test = knn_data(meta, "fashion-mnist:test", cfg.data, 1000)
     trained_top1 = knn_eval(trained, train, test)["top1"]
     random_top1 = knn_eval(random, train, test)["top1"]
     print(f"k-NN top-1 after 60 steps: trained {trained_top1:.1f} vs random init {random_top1:.1f}")

@@ -111,7 +111,7 @@ def test_resume_with_changed_config_warns_naming_keys(straight_run, tmp_path, ca
 def test_trains_from_a_folder_of_images(tmp_path):
     from PIL import Image
 
-    from dinoforge.data import ImageFolder
+    from dinoforge.data import open_source
 
     g = torch.Generator().manual_seed(0)
     for label in ("cats", "dogs"):
@@ -120,11 +120,11 @@ def test_trains_from_a_folder_of_images(tmp_path):
             pixels = torch.randint(0, 256, (20 + i, 24, 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
     Image.fromarray(pixels[:, :, 0]).convert("L").save(tmp_path / "images" / "loose.jpg")
-    folder = ImageFolder(tmp_path / "images")
-    assert len(folder) == 13 and folder.classes == ["cats", "dogs"]
-    image, label = folder.get(0)
-    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8 and label == 0
-    assert folder.get(6)[1] == 1 and folder.get(12)[1] == -1 and folder.labels.count(-1) == 1
     cfg = load_config("smoke", TINY + [f"data.dataset=folder:{tmp_path / 'images'}", "optim.epochs=1", "optim.warmup_epochs=0"])
+    folder = open_source(cfg.data.dataset, cfg.data)
+    assert len(folder) == 13 and folder.manifest.classes == ["cats", "dogs"]
+    (image, label), (_, dog), (grey, loose) = folder.get_many([0, 6, 12])
+    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8 and (label, dog, loose) == (0, 1, -1)
+    assert grey.shape == (1, 25, 24)
     summary = pretrain(cfg, str(tmp_path / "run"), progress=False)
     assert summary["step"] == 3 and math.isfinite(summary["last_metrics"]["loss"])

@@ -1,0 +1,34 @@
+"""Image data: manifests, importers and packed shards, robust decoding, the training stream."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dinoforge.data.decode import DecodeLimits
+from dinoforge.data.importers import import_images
+from dinoforge.data.manifest import Manifest
+from dinoforge.data.sources import FashionMNIST, ImageSource, ManifestSource
+
+if TYPE_CHECKING:
+    from dinoforge.config import DataConfig
+
+
+def decode_limits(cfg: DataConfig) -> DecodeLimits:
+    return DecodeLimits(cfg.max_image_pixels, cfg.min_image_side, cfg.decode_short_side or None)
+
+
+def open_source(spec: str, cfg: DataConfig) -> ImageSource:
+    """``fashion-mnist[:train|test]``, ``manifest:URI`` or ``folder:URI`` (a folder or bucket
+    prefix, imported in memory first: its header-level bad files are skipped then)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "fashion-mnist":
+        return FashionMNIST(cfg.fashion_mnist_root, arg or "train")
+    if kind == "manifest" and arg:
+        manifest = Manifest.read(arg)
+    elif kind == "folder" and arg:
+        manifest = import_images(arg, limits=decode_limits(cfg), threads=cfg.io_threads).manifest
+    else:
+        raise ValueError(f"unknown dataset {spec!r}: expected 'fashion-mnist[:train|test]', 'manifest:URI' or 'folder:URI'")
+    if not len(manifest):
+        raise ValueError(f"dataset {spec!r} has no usable images")
+    return ManifestSource(manifest, decode_limits(cfg), cfg.verify_hash, cfg.cache_bytes, cfg.io_threads)
