@@ -131,7 +131,7 @@ class Block(nn.Module):
         if self.training and self.drop_path_rate > 0.0:
             for branch in (self._attn_residual, self._ffn_residual):
                 rows, scale, kept_shapes = _kept_rows(shapes, self.drop_path_rate, x.device)
-                residual = branch(x[rows], kept_shapes) * scale.to(x.dtype)
+                residual = (branch(x[rows], kept_shapes) * scale).to(x.dtype)  # autocast may change dtypes
                 x = x.index_add(0, rows, residual)
             return x
         x = x + self._attn_residual(x, shapes)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.losses import SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
@@ -65,6 +66,26 @@ def _heads(embed_dim: int, cfg: ObjectiveConfig) -> tuple[DINOHead, DINOHead]:
     return dino, (make(cfg.ibot_head) if cfg.separate_ibot_head else dino)
 
 
+def objective(cfg: ObjectiveConfig, student_logits: Tensor, dino_targets: Tensor, student_patch_logits: Tensor,
+              ibot_targets: Tensor, masks: Tensor, global_cls: Tensor, n_global: int = 2) -> tuple[Tensor, dict[str, Tensor]]:
+    """DINO over every student crop's CLS logits (crop-major, S*B rows) against the teacher's
+    global targets (n_global*B rows) + iBOT over the masked patches + KoLeo on each global
+    crop's student CLS. Returns the weighted total and the detached parts."""
+    batch = dino_targets.shape[0] // n_global
+    k = student_logits.shape[-1]
+    parts = {
+        "dino_loss": dino_loss(student_logits.view(-1, batch, k), dino_targets.view(n_global, batch, k), cfg.student_temperature),
+        "ibot_loss": ibot_loss(student_patch_logits, ibot_targets, masks, cfg.student_temperature),
+        "koleo_loss": sum(koleo_loss(chunk) for chunk in global_cls.chunk(n_global)),
+    }
+    total = (
+        cfg.dino_loss_weight * parts["dino_loss"]
+        + cfg.ibot_loss_weight * parts["ibot_loss"]
+        + cfg.koleo_loss_weight * parts["koleo_loss"]
+    )
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
 class SSLMetaArch(nn.Module):
     def __init__(self, make_backbone: Callable[[float], DinoVisionTransformer], drop_path_rate: float, cfg: ObjectiveConfig,
                  packed: bool = True) -> None:
@@ -114,9 +135,7 @@ class SSLMetaArch(nn.Module):
         """global_crops (2B, 3, G, G) and local_crops (nL*B, 3, L, L) are crop-major
         (all images' crop 0, then crop 1, ...); masks (2B, patches) bool.
         Returns the total loss and its detached parts."""
-        cfg = self.cfg
-        n_global = 2
-        batch = global_crops.shape[0] // n_global
+        batch = global_crops.shape[0] // 2
         mask_rows = masks.flatten().nonzero().squeeze(1)
         dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_rows, teacher_temperature)
 
@@ -127,20 +146,7 @@ class SSLMetaArch(nn.Module):
         student_logits = self.student["dino_head"](cls_tokens)
         student_patch_logits = self.student["ibot_head"](outputs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_rows])
 
-        k = student_logits.shape[-1]
-        parts = {
-            "dino_loss": dino_loss(
-                student_logits.view(-1, batch, k), dino_targets.view(n_global, batch, k), cfg.student_temperature
-            ),
-            "ibot_loss": ibot_loss(student_patch_logits, ibot_targets, masks, cfg.student_temperature),
-            "koleo_loss": sum(koleo_loss(chunk) for chunk in global_cls.chunk(n_global)),
-        }
-        total = (
-            cfg.dino_loss_weight * parts["dino_loss"]
-            + cfg.ibot_loss_weight * parts["ibot_loss"]
-            + cfg.koleo_loss_weight * parts["koleo_loss"]
-        )
-        return total, {name: value.detach() for name, value in parts.items()}
+        return objective(self.cfg, student_logits, dino_targets, student_patch_logits, ibot_targets, masks, global_cls)
 
     def _student_features(self, crops: list[Tensor], masks: list[Tensor | None], batch: int) -> list[dict]:
         backbone = self.student["backbone"]
@@ -158,5 +164,10 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student (DINO §3.1), as one fused lerp."""
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - momentum)
+        """EMA: teacher <- m * teacher + (1 - m) * student (DINO §3.1), as one fused lerp. Under
+        FSDP student and teacher are sharded alike, so each rank updates its own shards."""
+        torch._foreach_lerp_(_local(self.teacher.parameters()), _local(self.student.parameters()), 1.0 - momentum)
+
+
+def _local(params) -> list[Tensor]:
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]

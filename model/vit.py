@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinoforge.model.layers import Block
 
@@ -28,8 +29,9 @@ class ArchSpec:
 
 
 # Official widths (paper Table 2 / dinov2 vision_transformer.py). vit_giant2 uses SwiGLU in
-# every released checkpoint; the tiny/nano sizes are ours, for CPU runs.
+# every released checkpoint; the pico/nano/tiny sizes are ours, for CPU runs.
 ARCHS: dict[str, ArchSpec] = {
+    "vit_pico": ArchSpec(64, 4, 2),
     "vit_nano": ArchSpec(128, 4, 4),
     "vit_tiny": ArchSpec(192, 6, 3),
     "vit_small": ArchSpec(384, 12, 6),
@@ -78,6 +80,7 @@ class DinoVisionTransformer(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
+        self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         grid = img_size // patch_size
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -156,8 +159,11 @@ class DinoVisionTransformer(nn.Module):
         sizes = [b * n for b, n in shapes]
         x = torch.cat([g.reshape(-1, self.embed_dim) for g in groups]) if len(groups) > 1 else groups[0].reshape(-1, self.embed_dim)
         kept: list[list[Tensor]] = []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
-            x = block(x, shapes)
+            # Activation checkpointing keeps only each block's input and recomputes the rest in
+            # backward (same RNG state, so stochastic depth drops the same rows).
+            x = checkpoint(block, x, shapes, use_reentrant=False) if recompute else block(x, shapes)
             if keep is not None and index in keep:
                 kept.append([t.view(b, n, -1) for t, (b, n) in zip(x.split(sizes), shapes)])
         return [t.view(b, n, -1) for t, (b, n) in zip(x.split(sizes), shapes)], kept

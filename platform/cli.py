@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from dinoforge.checkpoint import join, latest_checkpoint
+from dinoforge.checkpoint import resolve_checkpoint
+from dinoforge.data.storage import join
 from dinoforge.config import ConfigError, DataConfig, load_config, preset_names, to_dict
 
 log = logging.getLogger("dinoforge")
@@ -32,24 +33,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from dinoforge.train import pretrain
 
     summary = pretrain(load_config(args.preset, args.overrides), args.output, args.max_steps, progress=not args.no_progress)
-    print(json.dumps(summary["last_metrics"] | {"step": summary["step"], "resumed_from": summary["resumed_from"]}))
+    if summary["rank"] == 0:
+        print(json.dumps(summary["last_metrics"] | {"step": summary["step"], "resumed_from": summary["resumed_from"]}))
     return 0
 
 
-def _resolve_checkpoint(uri: str) -> str:
-    """A checkpoint file, or a run directory (its newest checkpoint)."""
-    if uri.endswith(".pt"):
-        return uri
-    found = latest_checkpoint(uri)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint under {join(uri, 'checkpoints')}")
-    return found
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from dinoforge.export import export_teacher
+    from dinoforge.export import export_backbone
 
-    meta = export_teacher(_resolve_checkpoint(args.checkpoint), args.out)
+    meta = export_backbone(resolve_checkpoint(args.checkpoint), args.out)
     print(json.dumps({"weights": args.out, **meta}))
     return 0
 
@@ -111,7 +103,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """Pretrain -> export -> k-NN of the trained teacher and of the same network at random
     init, both as initialised for training (LayerScale 1e-5: the CLS output is nearly
     constant) and with LayerScale 1 (a random ViT whose blocks all contribute)."""
-    from dinoforge.export import build_from_meta, export_teacher, load_backbone
+    from dinoforge.export import build_from_meta, export_backbone, load_backbone
     from dinoforge.train import pretrain
 
     cfg = load_config(args.preset, args.overrides)
@@ -119,7 +111,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     summary = pretrain(cfg, args.output, args.max_steps, progress=not args.no_progress)
     train_seconds = time.perf_counter() - started
     weights = join(args.output, "export", "teacher_backbone.pth")
-    export_teacher(_resolve_checkpoint(args.output), weights)
+    export_backbone(resolve_checkpoint(args.output), weights)
     trained, meta = load_backbone(weights)
     torch.manual_seed(cfg.train.seed)
     candidates = {
@@ -259,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("export", help="write the teacher backbone in the official DINOv2 key format (+ OUT.json)")
-    p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its newest committed checkpoint)")
     p.add_argument("out", help="output weights URI, e.g. teacher.pth")
     p.set_defaults(func=cmd_export)
 

@@ -26,6 +26,12 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+def _at_least(section: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "vit_large"
@@ -92,12 +98,8 @@ class DataConfig:
     max_substitutes: int = 16  # bad images replaced in a row before the run fails
 
     def __post_init__(self) -> None:
-        for name in ("io_threads", "max_image_pixels", "min_image_side"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "cache_bytes", "decode_short_side", "max_substitutes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _at_least(self, 1, "io_threads", "max_image_pixels", "min_image_side")
+        _at_least(self, 0, "num_workers", "cache_bytes", "decode_short_side", "max_substitutes")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,33 @@ class TrainConfig:
     log_period: int = 10
     checkpoint_period: int = 500
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # save in the background (DCP async save); training goes on
+    # Compute precision: fp32 master weights and optimizer always; "bf16" computes in bfloat16
+    # (FSDP param_dtype, or autocast in a single process). The official fp16 + loss scaling is
+    # not offered: bf16 has fp32's range and needs no scaler.
+    precision: str = "fp32"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile each transformer block
+    # Weights to start from when the run has no checkpoint of its own (a run directory or a
+    # checkpoint URI): e.g. the high-resolution stage continues a finished pretraining run.
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        _at_least(self, 1, "batch_size_per_gpu", "log_period", "checkpoint_period", "keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Setting ``teacher`` turns a run into distillation (paper §5): the frozen teacher's
+    targets train a student with no masking and no stochastic depth; the exported model is a
+    spare EMA of the student (momentum from ``teacher.*``)."""
+
+    teacher: str | None = None  # our run directory or checkpoint, or backbone weights (.pth)
+    teacher_arch: str | None = None  # official .pth without our .json beside it: e.g. vit_large (patch 14, 518 px)
+    teacher_registers: int = 0  # register tokens of such an official teacher
+    head_seed: int = 0  # seed of the random frozen heads given to a teacher without heads
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def total_steps(self) -> int:
@@ -229,14 +259,21 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _preset_data(preset: str, seen: list[str]) -> dict[str, Any]:
+    """A preset's data; ``base: NAME`` at its top level starts from another preset."""
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a YAML file")
+    if preset in seen:
+        raise ConfigError(f"preset 'base' cycle: {' -> '.join(seen + [preset])}")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    return _merge(_preset_data(base, seen + [preset]), data) if base else data
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A preset name (or path to a YAML file) plus overrides -> validated ``Config``."""
-    data: dict[str, Any] = {}
-    if preset:
-        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a YAML file")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = _preset_data(preset, []) if preset else {}
     for override in overrides:
         data = _merge(data, parse_override(override))
     return build(Config, data)

@@ -8,17 +8,75 @@ import json
 
 import fsspec
 import torch
+import torch.distributed.checkpoint as dcp
 
-from dinoforge.checkpoint import load_checkpoint
-from dinoforge.config import Config, build
-from dinoforge.model.vit import ARCHS, DinoVisionTransformer
+from dinoforge.checkpoint import read_trainer_state, resolve_checkpoint
+from dinoforge.config import Config, ModelConfig, build
+from dinoforge.model.distill import random_frozen_heads
+from dinoforge.model.heads import DINOHead
+from dinoforge.model.ssl import _heads
+from dinoforge.model.vit import ARCHS, DinoVisionTransformer, build_backbone
 
-TEACHER_PREFIX = "teacher.backbone."
 # Keys of the JSON that are DinoVisionTransformer constructor arguments.
 ARCH_KEYS = (
     "embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "num_register_tokens",
     "ffn_layer", "layerscale_init", "interpolate_offset", "interpolate_antialias",
 )
+
+
+def backbone_from_config(model: ModelConfig, global_crops_size: int, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
+    return build_backbone(
+        model.arch,
+        patch_size=model.patch_size,
+        img_size=model.img_size or global_crops_size,
+        num_register_tokens=model.num_register_tokens,
+        ffn_layer=model.ffn_layer,
+        drop_path_rate=drop_path_rate,
+        drop_path_uniform=model.drop_path_uniform,
+        layerscale_init=model.layerscale_init,
+        interpolate_offset=model.interpolate_offset,
+        interpolate_antialias=model.interpolate_antialias,
+        in_chans=model.in_chans,
+    )
+
+
+def _load_from_checkpoint(checkpoint_uri: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Fills each module from the tensors under its prefix in a (sharded) checkpoint, reading
+    only those tensors, in one process."""
+    state = {"model": {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}}
+    dcp.load(state, checkpoint_id=checkpoint_uri, no_dist=True)
+    for prefix, module in modules.items():
+        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state["model"].items() if k.startswith(prefix + ".")})
+
+
+def load_teacher(cfg: Config) -> tuple[DinoVisionTransformer, DINOHead, DINOHead]:
+    """The frozen distillation teacher named by ``distill.teacher``: a pretraining run or
+    checkpoint of ours (its EMA teacher backbone and heads), or backbone weights in the official
+    key format (ours with the .json beside them, or an official release with
+    ``distill.teacher_arch``), which come without heads: those get seeded random frozen heads."""
+    uri, objective = cfg.distill.teacher, cfg.objective
+    if not uri.endswith(".pth"):
+        checkpoint = resolve_checkpoint(uri)
+        teacher_cfg = build(Config, read_trainer_state(checkpoint)["config"])
+        backbone = backbone_from_config(teacher_cfg.model, teacher_cfg.crops.global_crops_size)
+        dino_head, ibot_head = _heads(backbone.embed_dim, teacher_cfg.objective)
+        heads = {"teacher.dino_head": dino_head} | ({"teacher.ibot_head": ibot_head} if ibot_head is not dino_head else {})
+        _load_from_checkpoint(checkpoint, {"teacher.backbone": backbone, **heads})
+    else:
+        fs, _ = fsspec.core.url_to_fs(meta_uri(uri))
+        if fs.exists(meta_uri(uri)):
+            backbone, _ = load_backbone(uri)
+        elif cfg.distill.teacher_arch:
+            backbone = build_backbone(cfg.distill.teacher_arch, patch_size=14, img_size=518,
+                                      num_register_tokens=cfg.distill.teacher_registers)
+            with fsspec.open(uri, "rb") as handle:
+                backbone.load_state_dict(torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True))
+        else:
+            raise ValueError(f"{uri} has no {meta_uri(uri)} beside it: set distill.teacher_arch (e.g. vit_large)")
+        dino_head, ibot_head = random_frozen_heads(backbone.embed_dim, objective, cfg.distill.head_seed)
+    for module in (backbone, dino_head, ibot_head):
+        module.requires_grad_(False)
+    return backbone.eval(), dino_head, ibot_head
 
 
 def meta_uri(weights_uri: str) -> str:
@@ -49,13 +107,17 @@ def backbone_meta(cfg: Config) -> dict:
     }
 
 
-def export_teacher(checkpoint_uri: str, weights_uri: str) -> dict:
-    """Writes the EMA teacher's backbone (the network DINOv2 evaluates and releases)."""
-    state = load_checkpoint(checkpoint_uri)
-    meta = {**backbone_meta(build(Config, state["config"])), "step": state["step"], "checkpoint": checkpoint_uri}
-    weights = {k[len(TEACHER_PREFIX) :]: v for k, v in state["model"].items() if k.startswith(TEACHER_PREFIX)}
+def export_backbone(checkpoint_uri: str, weights_uri: str) -> dict:
+    """Writes the backbone a run releases: the EMA teacher of a pretraining run, or the spare
+    EMA of the student of a distillation run. Reads only that backbone's tensors."""
+    trainer = read_trainer_state(checkpoint_uri)
+    cfg = build(Config, trainer["config"])
+    prefix = "ema.backbone" if cfg.distill.teacher else "teacher.backbone"
+    meta = {**backbone_meta(cfg), "step": trainer["step"], "checkpoint": checkpoint_uri, "exported": prefix}
+    backbone = build_from_meta(meta)
+    _load_from_checkpoint(checkpoint_uri, {prefix: backbone})
     buffer = io.BytesIO()
-    torch.save(weights, buffer)
+    torch.save(backbone.state_dict(), buffer)
     with fsspec.open(weights_uri, "wb") as handle:
         handle.write(buffer.getvalue())
     with fsspec.open(meta_uri(weights_uri), "w") as handle:

@@ -11,40 +11,33 @@ from functools import partial
 
 import fsspec
 import torch
+import torch.distributed as dist
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dinoforge.checkpoint import join, latest_checkpoint, load_checkpoint, save_checkpoint
-from dinoforge.config import Config, ModelConfig, to_dict
+from dinoforge.checkpoint import Checkpointer, latest_checkpoint, load_model_weights, resolve_checkpoint
+from dinoforge.config import Config, to_dict
 from dinoforge.data import open_source
-from dinoforge.data.stream import MASK_STREAM, SkipLedger, multicrop_loader, sample_seed
+from dinoforge.data.storage import join
+from dinoforge.data.stream import MASK_STREAM, RANK_STREAM, SkipLedger, multicrop_loader, sample_seed
+from dinoforge.distributed import PRECISIONS, World, close_world, init_world, shard_model
 from dinoforge.model.augment import MultiCropAugmentation
 from dinoforge.model.masking import sample_masks
 from dinoforge.model.optim import apply_schedules, param_groups
 from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
+from dinoforge.export import backbone_from_config, load_teacher
+from dinoforge.model.distill import DistillMetaArch
 from dinoforge.model.ssl import SSLMetaArch
-from dinoforge.model.vit import DinoVisionTransformer, build_backbone
 
 log = logging.getLogger("dinoforge.train")
 
 
-def backbone_from_config(model: ModelConfig, global_crops_size: int, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
-    return build_backbone(
-        model.arch,
-        patch_size=model.patch_size,
-        img_size=model.img_size or global_crops_size,
-        num_register_tokens=model.num_register_tokens,
-        ffn_layer=model.ffn_layer,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=model.drop_path_uniform,
-        layerscale_init=model.layerscale_init,
-        interpolate_offset=model.interpolate_offset,
-        interpolate_antialias=model.interpolate_antialias,
-        in_chans=model.in_chans,
-    )
-
-
-def build_meta_arch(cfg: Config) -> SSLMetaArch:
+def build_meta_arch(cfg: Config) -> SSLMetaArch | DistillMetaArch:
+    """Self-supervised pretraining, or distillation when ``distill.teacher`` is set."""
+    if cfg.distill.teacher:
+        teacher, dino_head, ibot_head = load_teacher(cfg)
+        student = backbone_from_config(cfg.model, cfg.crops.global_crops_size, drop_path_rate=0.0)
+        return DistillMetaArch(student, teacher, dino_head, ibot_head, cfg.objective)
     make = partial(backbone_from_config, cfg.model, cfg.crops.global_crops_size)
     return SSLMetaArch(make, cfg.model.drop_path_rate, cfg.objective)
 
@@ -91,10 +84,14 @@ def _unique_modules(modules) -> list[torch.nn.Module]:
     return unique
 
 
-def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, masks: torch.Tensor, values: dict, clip_grad: float) -> dict[str, torch.Tensor]:
-    """Forward, backward with gradient clipping per student module, AdamW, EMA teacher.
-    Returns the detached losses (tensors: reading them would synchronise a GPU)."""
-    loss, parts = model(batch["global_crops"], batch.get("local_crops"), masks, values["teacher_temp"])
+def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, masks: torch.Tensor, values: dict,
+               clip_grad: float, autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Forward (under autocast when ``autocast_dtype`` is set), backward with gradient clipping
+    per student module, AdamW, EMA teacher. Returns the detached losses (tensors: reading them
+    would synchronise a GPU)."""
+    device_type = batch["global_crops"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss, parts = model(batch["global_crops"], batch.get("local_crops"), masks, values["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -116,66 +113,138 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+class MetricsLog:
+    """``metrics.jsonl`` under the run directory, written by rank 0. Object stores cannot
+    append, so there the whole file is rewritten at each log step."""
+
+    def __init__(self, output: str, enabled: bool) -> None:
+        self.fs, self.path = fsspec.core.url_to_fs(join(output, "metrics.jsonl"))
+        self.enabled, self.local = enabled, self.fs.protocol in ("file", ("file", "local"))
+        self.lines: list[str] = []
+        if enabled and not self.local and self.fs.exists(self.path):
+            self.lines = self.fs.cat_file(self.path).decode().splitlines(keepends=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        if self.local:
+            with self.fs.open(self.path, "a") as handle:
+                handle.write(line)
+        else:
+            self.lines.append(line)
+            self.fs.pipe_file(self.path, "".join(self.lines).encode())
+
+
+def _global_mean(values: dict[str, torch.Tensor], world: World) -> dict[str, float]:
+    if not world.distributed:
+        return {k: v.item() for k, v in values.items()}
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return {k: (v / world.world_size).item() for k, v in zip(values, stacked)}
+
+
+def _gather_skipped(pending: list[dict], world: World) -> list[dict]:
+    if not world.distributed:
+        return pending
+    gathered: list[list[dict]] = [[] for _ in range(world.world_size)]
+    dist.all_gather_object(gathered, pending)
+    return [item for items in gathered for item in items]
+
+
+def _prepare(model: SSLMetaArch, cfg: Config, world: World) -> None:
+    for backbone in (model.student["backbone"], model.teacher["backbone"]):
+        backbone.activation_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            for block in backbone.blocks:
+                block.compile()
+    if world.world_size > 1:
+        shard_model(model, world, cfg.train.precision)
+
+
 def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: bool = True) -> dict:
     """Trains until ``cfg.total_steps`` (or ``max_steps`` in this invocation's total),
-    resuming from the newest checkpoint under ``output``. Returns a summary."""
-    torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch_size = cfg.train.batch_size_per_gpu
+    resuming from the newest committed checkpoint under ``output``; under torchrun every rank
+    runs this. Returns a summary."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    world = init_world()
+    try:
+        return _pretrain(cfg, output, max_steps, progress and world.is_main, world)
+    finally:
+        if owns_group:
+            close_world()
+
+
+def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, world: World) -> dict:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    device, batch_size = world.device, cfg.train.batch_size_per_gpu
     model = build_meta_arch(cfg).to(device)
     model.train()
+    _prepare(model, cfg, world)
     optimizer = torch.optim.AdamW(
         param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
     )
-    schedules = Schedules.from_config(cfg, batch_size)
+    global_batch = batch_size * world.world_size
+    schedules = Schedules.from_config(cfg, global_batch)
+    checkpointer = Checkpointer(output, world, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
 
     source = open_source(cfg.data.dataset, cfg.data)
     dataset_digest = source.manifest.digest if hasattr(source, "manifest") else cfg.data.dataset
     start_step, start_position, skips = 0, 0, SkipLedger()
+    # Stochastic depth differs per rank; a resume at the same world size restores these streams.
+    torch.manual_seed(sample_seed(cfg.train.seed, world.rank, RANK_STREAM))
     resumed_from = latest_checkpoint(output)
     if resumed_from:
-        state = load_checkpoint(resumed_from)
-        changed = _changed_keys(state["config"], to_dict(cfg))
+        trainer = checkpointer.load(resumed_from, model, optimizer)
+        changed = _changed_keys(trainer["config"], to_dict(cfg))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state:  # stochastic depth draws on the model's device
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step, start_position = state["step"], state["data"]["position"]
-        skips.load_state_dict(state["data"]["skipped"])
-        if state["data"]["dataset"] != dataset_digest:
+        start_step, start_position = trainer["step"], trainer["data"]["position"]
+        skips.load_state_dict(trainer["data"]["skipped"])
+        if trainer["data"]["dataset"] != dataset_digest:
             log.warning("resuming on a different dataset (%s, checkpoint: %s): the sample stream will not continue exactly",
-                        dataset_digest, state["data"]["dataset"])
+                        dataset_digest, trainer["data"]["dataset"])
+        if trainer["world_size"] != world.world_size:
+            log.warning("resuming %d-rank checkpoint on %d ranks: global batch %d -> %d",
+                        trainer["world_size"], world.world_size, trainer["world_size"] * batch_size, global_batch)
+            torch.manual_seed(sample_seed(cfg.train.seed + start_step, world.rank, RANK_STREAM))
         log.info("resumed from %s at step %d", resumed_from, start_step)
+    elif cfg.train.init_from:
+        source_uri = resolve_checkpoint(cfg.train.init_from)
+        load_model_weights(source_uri, model)
+        log.info("initialised the weights from %s", source_uri)
 
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(join(root, "config.yaml"), "w") as handle:
-        yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+    if world.is_main:
+        fs, root = fsspec.core.url_to_fs(output)
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(join(root, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    metrics = MetricsLog(output, world.is_main)
 
     end_step = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     loader = multicrop_loader(
-        source, MultiCropAugmentation(cfg.crops), batch_size, cfg.train.seed, start_position, cfg.data.num_workers
+        source, MultiCropAugmentation(cfg.crops), batch_size, cfg.train.seed, start_position, cfg.data.num_workers,
+        world.rank, world.world_size,
     )
     grid = cfg.crops.global_crops_size // cfg.model.patch_size
     n_global_images = 2 * batch_size
-    last_saved, record = start_step, {}
+    # FSDP casts the sharded parameters itself; a single process uses autocast instead.
+    autocast_dtype = PRECISIONS[cfg.train.precision] if world.world_size == 1 else None
+    last_saved, record, pending_skips = start_step, {}, []
     columns = [TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar, fs.open(join(root, "metrics.jsonl"), "a") as metrics:
+    with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("steps", total=end_step, completed=start_step, status="")
         batches = iter(loader)
         tick, window_start = time.perf_counter(), start_step
         for step in range(start_step, end_step):
             batch = next(batches)
-            skips.record(batch.pop("skipped"))
+            pending_skips += batch.pop("skipped")
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            mask_seed = sample_seed(sample_seed(cfg.train.seed, step, MASK_STREAM), world.rank, MASK_STREAM)
             masks = sample_masks(
                 n_global_images,
                 (grid, grid),
-                torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, MASK_STREAM)),
+                torch.Generator().manual_seed(mask_seed),
                 cfg.objective.mask_probability,
                 cfg.objective.mask_ratio_min_max,
             ).to(device)
@@ -186,36 +255,37 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
                 "teacher_temp": schedules.teacher_temp(step),
             }
             apply_schedules(optimizer, values["lr"], schedules.last_layer_lr(step), values["wd"])
-            losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad)
+            losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad, autocast_dtype)
             done = step + 1
             log_now = done % cfg.train.log_period == 0 or done == end_step
             save_now = done % cfg.train.checkpoint_period == 0 or done == end_step
             if log_now or save_now:  # never checkpoint diverged weights
-                losses = {k: v.item() for k, v in losses.items()}
+                losses = _global_mean(losses, world)
                 if not all(map(math.isfinite, losses.values())):
                     raise FloatingPointError(f"non-finite loss at step {done}: {losses}")
+                skips.record(_gather_skipped(pending_skips, world))
+                pending_skips = []
             if log_now:
                 elapsed = time.perf_counter() - tick
                 record = {
-                    "step": done, **losses, **values, "images_per_s": (done - window_start) * batch_size / elapsed,
-                    "skipped_images": skips.by_reason(), "skip_events": skips.events,
+                    "step": done, **losses, **values, "images_per_s": (done - window_start) * global_batch / elapsed,
+                    "skipped_images": skips.by_reason(), "skip_events": skips.events, "world_size": world.world_size,
                 }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(record)
                 bar.update(task, status=f"loss {losses['loss']:.3f} {record['images_per_s']:.0f} img/s")
                 tick, window_start = time.perf_counter(), done
             bar.update(task, completed=done)
             if save_now:
-                state = {
+                trainer = {
                     "step": done,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {}),
+                    "world_size": world.world_size,
+                    "batch_size_per_gpu": batch_size,
+                    "data": {"position": start_position + (done - start_step) * global_batch, "dataset": dataset_digest,
+                             "skipped": skips.state_dict()},
                     "config": to_dict(cfg),
-                    "data": {"position": start_position + (done - start_step) * batch_size, "dataset": dataset_digest, "skipped": skips.state_dict()},
                 }
-                save_checkpoint(state, output, done, cfg.train.keep_checkpoints)
+                checkpointer.save(done, model, optimizer, trainer)
                 last_saved = done
-    return {"step": end_step, "start_step": start_step, "resumed_from": resumed_from, "last_checkpoint_step": last_saved, "last_metrics": record,
-            "skipped_images": skips.by_reason()}
+        checkpointer.wait()
+    return {"step": end_step, "start_step": start_step, "resumed_from": resumed_from, "last_checkpoint_step": last_saved,
+            "last_metrics": record, "skipped_images": skips.by_reason(), "world_size": world.world_size, "rank": world.rank}

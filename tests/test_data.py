@@ -12,7 +12,10 @@ import pytest
 import torch
 from image_zoo import write_image_zoo
 
-from dinoforge.checkpoint import latest_checkpoint, load_checkpoint
+from checkpoints import checkpoint_tensors
+from tiny import TINY as TINY_BASE
+
+from dinoforge.checkpoint import latest_checkpoint, read_trainer_state
 from dinoforge.cli import main
 from dinoforge.config import DataConfig, load_config
 from dinoforge.data import decode_limits, open_source
@@ -26,13 +29,7 @@ from dinoforge.train import pretrain
 
 HEADER_REASONS = {"empty", "not_image", "too_large", "too_small"}  # found by import's header check
 SPEC = MultiCropSpec(global_crops_size=16, local_crops_size=8, local_crops_number=2)
-TINY = [
-    "model.arch=vit_nano", "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "objective.dino_head.n_prototypes=64", "objective.ibot_head.n_prototypes=64",
-    "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32",
-    "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0",
-    "train.batch_size_per_gpu=4", "train.log_period=1", "data.num_workers=0",
-]
+TINY = TINY_BASE + ["optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0", "train.batch_size_per_gpu=4"]
 
 
 def expected_counts(zoo: dict, reasons: set[str]) -> dict[str, int]:
@@ -278,18 +275,19 @@ def test_training_epoch_over_bad_files_counts_every_reason_exactly(damaged, tmp_
     assert summary["step"] == steps and summary["skipped_images"] == expected
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_images"] == expected and last["skip_events"] >= sum(expected.values())
-    state = load_checkpoint(latest_checkpoint(str(tmp_path / "run")))
-    assert state["data"]["position"] == steps * 4 and state["data"]["dataset"] == Manifest.read(uri).digest
+    trainer = read_trainer_state(latest_checkpoint(str(tmp_path / "run")))
+    assert trainer["data"]["position"] == steps * 4 and trainer["data"]["dataset"] == Manifest.read(uri).digest
     ledger = SkipLedger()
-    ledger.load_state_dict(state["data"]["skipped"])
+    ledger.load_state_dict(trainer["data"]["skipped"])
     assert ledger.by_reason() == expected
     # Interrupted after 2 steps and resumed: same weights and the same exact counts.
     pretrain(cfg, str(tmp_path / "split"), max_steps=2, progress=False)
     resumed = pretrain(cfg, str(tmp_path / "split"), progress=False)
     assert resumed["start_step"] == 2 and resumed["skipped_images"] == expected
-    other = load_checkpoint(latest_checkpoint(str(tmp_path / "split")))
-    for key, value in state["model"].items():
-        assert torch.equal(value, other["model"][key]), key
+    straight = checkpoint_tensors(latest_checkpoint(str(tmp_path / "run")))["model"]
+    other = checkpoint_tensors(latest_checkpoint(str(tmp_path / "split")))["model"]
+    for key, value in straight.items():
+        assert torch.equal(value, other[key]), key
 
 
 def test_packed_and_unpacked_manifests_give_the_same_stream(damaged, tmp_path):

@@ -8,24 +8,22 @@ import pytest
 import torch
 import yaml
 
-from dinoforge.checkpoint import latest_checkpoint, load_checkpoint
+from checkpoints import checkpoint_tensors
+from tiny import TINY as TINY_BASE
+
+from dinoforge.checkpoint import latest_checkpoint, read_trainer_state
 from dinoforge.cli import main
 from dinoforge.config import load_config
-from dinoforge.export import export_teacher, load_backbone
+from dinoforge.export import export_backbone, load_backbone
 from dinoforge.train import pretrain
 
-TINY = [
-    "model.arch=vit_nano", "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "objective.dino_head.n_prototypes=64", "objective.ibot_head.n_prototypes=64",
-    "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32",
-    "optim.epochs=2", "optim.epoch_length=3", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    "train.batch_size_per_gpu=8", "train.log_period=1", "train.checkpoint_period=2", "train.keep_checkpoints=2",
-    "model.drop_path_rate=0.2", "data.num_workers=0",
+TINY = TINY_BASE + [
+    "train.batch_size_per_gpu=8", "train.checkpoint_period=2", "train.keep_checkpoints=2", "model.drop_path_rate=0.2",
 ]
 
 
 def final_state(output):
-    return load_checkpoint(latest_checkpoint(str(output)))
+    return checkpoint_tensors(latest_checkpoint(str(output)))
 
 
 def metrics(output):
@@ -49,7 +47,8 @@ def test_straight_run_writes_metrics_config_and_checkpoints(straight_run):
     assert rows[0]["lr"] == 0.0 and rows[2]["lr"] > 0  # linear warmup from 0 over the first epoch (3 steps)
     assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[-1]["teacher_temp"] == pytest.approx(0.07)
     kept = sorted(p.name for p in (output / "checkpoints").iterdir())
-    assert kept == ["step_00000004.pt", "step_00000006.pt"]  # retention of the newest 2
+    assert kept == ["step_00000004", "step_00000006"]  # retention of the newest 2
+    assert read_trainer_state(str(output / "checkpoints" / "step_00000006"))["data"]["position"] == 6 * 8
     written = yaml.safe_load((output / "config.yaml").read_text())
     assert written["model"]["arch"] == "vit_nano" and written["train"]["batch_size_per_gpu"] == 8
 
@@ -61,7 +60,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(straight_run, tmp_path
     first = pretrain(cfg, str(tmp_path), max_steps=4, progress=False)
     assert first["step"] == 4
     second = pretrain(cfg, str(tmp_path), progress=False)
-    assert second["start_step"] == 4 and second["resumed_from"].endswith("step_00000004.pt")
+    assert second["start_step"] == 4 and second["resumed_from"].endswith("step_00000004")
     expected, got = final_state(reference), final_state(tmp_path)
     assert expected["model"].keys() == got["model"].keys()
     for key in expected["model"]:
@@ -128,3 +127,47 @@ def test_trains_from_a_folder_of_images(tmp_path):
     assert grey.shape == (1, 25, 24)
     summary = pretrain(cfg, str(tmp_path / "run"), progress=False)
     assert summary["step"] == 3 and math.isfinite(summary["last_metrics"]["loss"])
+
+
+def test_async_checkpoints_equal_synchronous_ones(straight_run, tmp_path):
+    reference, _ = straight_run
+    pretrain(load_config("smoke", TINY + ["train.async_checkpoint=true"]), str(tmp_path), max_steps=4, progress=False)
+    summary = pretrain(load_config("smoke", TINY + ["train.async_checkpoint=true"]), str(tmp_path), progress=False)
+    assert summary["start_step"] == 4
+    expected, got = final_state(reference), final_state(tmp_path)
+    for key in expected["model"]:
+        assert torch.equal(expected["model"][key], got["model"][key]), key
+
+
+def test_bf16_precision_trains_with_fp32_master_weights(tmp_path):
+    summary = pretrain(load_config("smoke", TINY + ["train.precision=bf16"]), str(tmp_path), progress=False)
+    assert math.isfinite(summary["last_metrics"]["loss"])
+    state = final_state(tmp_path)
+    assert all(v.dtype == torch.float32 for k, v in state["model"].items() if v.is_floating_point())
+
+
+def test_storage_errors_are_retried_with_backoff_then_fail_naming_the_action():
+    from dinoforge.checkpoint import with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    assert with_retries(flaky, "saving x", backoff_s=0) == "ok" and len(calls) == 3
+    attempts = []
+
+    def broken():
+        attempts.append(1)
+        raise ConnectionError("reset by peer")
+
+    with pytest.raises(OSError, match="saving y failed after 4 attempts: reset by peer"):
+        with_retries(broken, "saving y", backoff_s=0)
+    assert len(attempts) == 4
+    missing = []
+    with pytest.raises(FileNotFoundError):
+        with_retries(lambda: missing.append(1) or open("/nonexistent/x"), "reading z", backoff_s=0)
+    assert len(missing) == 1  # a missing path is not transient: no retry

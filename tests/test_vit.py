@@ -220,3 +220,22 @@ def test_rejects_sizes_not_divisible_by_patch():
         model(torch.randn(1, 3, 30, 28))
     with pytest.raises(ValueError, match="unknown arch"):
         build_backbone("vit_huge")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_backbone("vit_nano", patch_size=4, img_size=16, drop_path_rate=0.3)
+    model.train()
+    crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        sum(out["x_norm_clstoken"].square().sum() for out in model.forward_features(crops)).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain, recomputed = grads(False), grads(True)
+    assert len(plain) == len(recomputed) > 0
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

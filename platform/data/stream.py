@@ -29,7 +29,7 @@ from dinoforge.model.augment import MultiCropAugmentation
 log = logging.getLogger("dinoforge.data")
 
 # Distinct "index" arguments of sample_seed for the non-sample random streams of an epoch/step.
-PERMUTATION_STREAM, MASK_STREAM, SUBSTITUTE_STREAM = -1, -2, -3
+PERMUTATION_STREAM, MASK_STREAM, SUBSTITUTE_STREAM, RANK_STREAM = -1, -2, -3, -4
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

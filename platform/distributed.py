@@ -1,0 +1,105 @@
+"""Process groups for ``torchrun`` (any nproc/nnodes) and FSDP2 sharding of the SSL model.
+
+Without torchrun's environment a run is one plain process. Under torchrun every rank joins
+one process group (NCCL for CUDA tensors, gloo for CPU tensors) and the student and teacher
+are sharded with ``fully_shard`` per transformer block, then per backbone and head.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from dinoforge.model.distill import DistillMetaArch
+from dinoforge.model.ssl import SSLMetaArch
+
+log = logging.getLogger("dinoforge.distributed")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_world(timeout_s: float = 1800.0) -> World:
+    """Joins torchrun's process group when launched by it; otherwise a single process."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        if dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            return World(rank, world_size, local_rank, _device(local_rank))
+        return World(device=_device(0))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _device(local_rank)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Each restart attempt gets its own key space in the agent's store: reusing the keys of a
+        # crashed attempt made gloo's connectFullMesh fail in half of the restarts we measured on
+        # torch 2.13 (ENVIRONMENT.md), the prefix made all of them succeed.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"/dinoforge/attempt_{attempt}", base)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    log.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, device)
+    return World(rank, world_size, local_rank, device)
+
+
+def close_world() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: SSLMetaArch | DistillMetaArch, world: World, precision: str) -> None:
+    """FSDP2 over every rank: each block, then each backbone and head, of student and teacher
+    (identical layouts, so the EMA runs shard by shard). Paper/official recipe: compute in
+    ``precision``, fp32 master weights, gradients of the backbones reduced in ``precision``
+    and of the heads in fp32."""
+    compute = PRECISIONS[precision]
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    backbone_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
+    head_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    # A distillation model also has a spare EMA of the student, sharded like it.
+    branches = [model.student, model.teacher] + ([model.ema] if isinstance(model, DistillMetaArch) else [])
+    for branch in branches:
+        # Root modules stay gathered after forward by default (to save the re-gather in
+        # backward); the others have no backward, and the EMA needs them sharded like the student.
+        reshard = None if branch is model.student else True
+        backbone = branch["backbone"]
+        for block in backbone.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=backbone_policy)
+        fully_shard(backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=reshard)
+        # The SSL step calls forward_features, not forward: FSDP must hook it too.
+        register_fsdp_forward_method(backbone, "forward_features")
+        for head in {id(m): m for m in (branch["dino_head"], branch["ibot_head"])}.values():
+            fully_shard(head, mesh=mesh, mp_policy=head_policy, reshard_after_forward=reshard)
