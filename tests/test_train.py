@@ -14,7 +14,7 @@ from tiny import TINY as TINY_BASE
 from dinoforge.checkpoint import latest_checkpoint, read_trainer_state
 from dinoforge.cli import main
 from dinoforge.config import load_config
-from dinoforge.export import export_backbone, load_backbone
+from dinoforge.export import load_backbone
 from dinoforge.train import pretrain
 
 TINY = TINY_BASE + [

@@ -14,7 +14,6 @@ import io
 import logging
 import tarfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Iterator
