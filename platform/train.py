@@ -152,7 +152,7 @@ def _gather_skipped(pending: list[dict], world: World) -> list[dict]:
     return [item for items in gathered for item in items]
 
 
-def _prepare(model: SSLMetaArch, cfg: Config, world: World) -> None:
+def _prepare(model: SSLMetaArch | DistillMetaArch, cfg: Config, world: World) -> None:
     for backbone in (model.student["backbone"], model.teacher["backbone"]):
         backbone.activation_checkpointing = cfg.train.activation_checkpointing
         if cfg.train.compile:
