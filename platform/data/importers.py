@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dinoforge.data.decode import BadImage, DecodeLimits, probe_image
 from dinoforge.data.manifest import Manifest, creator_info
-from dinoforge.data.sources import FashionMNIST
+from dinoforge.data.sources import FashionMNIST, ManifestSource
 from dinoforge.data.storage import BlobReader, BlobRef, join
 
 log = logging.getLogger("dinoforge.data")
@@ -185,7 +185,7 @@ def pack(
     """Copies every image of ``manifest`` into tar shards, in manifest order, and returns
     the packed manifest (same rows, plus shard/offset). Images that can no longer be read or
     whose bytes changed since the manifest was written are skipped and reported."""
-    reader = BlobReader(threads=threads)
+    source = ManifestSource(manifest, io_threads=threads)  # verifies every image's SHA-256
     writer = ShardWriter(shards_prefix, shard_bytes)
     report = ImportReport()
     rows: list[dict[str, Any]] = []
@@ -193,16 +193,10 @@ def pack(
     with _progress("pack", progress) as bar:
         task = bar.add_task("images", total=len(indices))
         for chunk in _chunks(indices, 256):
-            originals = [manifest.row(i) for i in chunk]
-            refs = [
-                BlobRef(r["shard"], r["offset"], r["size"]) if r["shard"] else BlobRef(r["uri"]) for r in originals
-            ]
-            for row, data in zip(originals, reader.read_many(refs)):
-                if isinstance(data, Exception):
-                    report.skip(row["uri"], BadImage("read_error", f"{type(data).__name__}: {data}"))
-                    continue
-                if hashlib.sha256(data).hexdigest() != row["sha256"]:
-                    report.skip(row["uri"], BadImage("hash_mismatch", "content changed since the manifest was written"))
+            for index, data in zip(chunk, source.read_many(chunk)):
+                row = manifest.row(index)
+                if isinstance(data, BadImage):
+                    report.skip(row["uri"], data)
                     continue
                 shard, offset = writer.add(f"{len(rows):09d}", _extension(data), data, row["label"])
                 rows.append({**row, "shard": shard, "offset": offset})

@@ -106,11 +106,21 @@ class ManifestSource:
             return BlobRef(self.uri(index))
         return BlobRef(shard, self._offset[index].as_py(), self._size[index].as_py())
 
-    def _decode(self, index: int, data: bytes | Exception) -> Sample | BadImage:
+    def _check(self, index: int, data: bytes | Exception) -> bytes | BadImage:
         if isinstance(data, Exception):
             return BadImage("read_error", f"{type(data).__name__}: {data}")
         if self.verify_hash and hashlib.sha256(data).hexdigest() != self._sha[index].as_py():
             return BadImage("hash_mismatch", f"content changed since the manifest was written ({len(data)} bytes read)")
+        return data
+
+    def read_many(self, indices: Sequence[int]) -> list[bytes | BadImage]:
+        """The images' bytes, read concurrently and checked against the manifest (not decoded)."""
+        blobs = self.reader.read_many([self.ref(i) for i in indices])
+        return [self._check(i, data) for i, data in zip(indices, blobs)]
+
+    def _decode(self, index: int, data: bytes | BadImage) -> Sample | BadImage:
+        if isinstance(data, BadImage):
+            return data
         try:
             image = decode_image(data, self.limits)
         except BadImage as bad:
@@ -119,5 +129,4 @@ class ManifestSource:
         return image, -1 if label is None else label
 
     def get_many(self, indices: Sequence[int]) -> list[Sample | BadImage]:
-        blobs = self.reader.read_many([self.ref(i) for i in indices])
-        return [self._decode(i, data) for i, data in zip(indices, blobs)]
+        return [self._decode(i, data) for i, data in zip(indices, self.read_many(indices))]
