@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -13,6 +14,7 @@ import torch
 from dinoforge.checkpoint import resolve_checkpoint
 from dinoforge.data.storage import join
 from dinoforge.config import ConfigError, DataConfig, load_config, preset_names, to_dict
+from dinoforge.eval.features import labelled_images
 
 log = logging.getLogger("dinoforge")
 
@@ -46,56 +48,75 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def knn_data(meta: dict, spec: str, data: DataConfig, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled images among the first ``limit`` of ``spec``, prepared as ``meta`` says:
-    (N, 3, S, S), (N,). Unusable or unlabelled images are skipped and counted in the log."""
-    from collections import Counter
-
-    from dinoforge.data import open_source
-    from dinoforge.data.decode import BadImage
-    from dinoforge.model.knn import prepare_image
-
-    source = open_source(spec, data)
-    count = len(source) if limit is None else min(limit, len(source))
-    images, labels, skipped = [], [], Counter()
-    for start in range(0, count, 256):
-        indices = range(start, min(count, start + 256))
-        for index, result in zip(indices, source.get_many(indices)):
-            if isinstance(result, BadImage):
-                log.warning("k-NN data: skipped %s: %s (%s)", source.uri(index), result.reason, result.detail)
-                skipped[result.reason] += 1
-            elif result[1] < 0:
-                skipped["unlabelled"] += 1
-            else:
-                images.append(prepare_image(result[0], meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]))
-                labels.append(result[1])
-    if skipped:
-        log.warning("k-NN data %s: used %d of %d images, skipped %s", spec, len(labels), count, dict(skipped))
-    if not labels:
-        raise ValueError(f"k-NN data {spec!r} has no usable labelled images")
-    return torch.stack(images), torch.tensor(labels)
-
-
 def knn_eval(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
              k: int = 20, temperature: float = 0.07) -> dict:
     """k-NN top-1/top-5 of ``backbone``'s CLS features on prepared (images, labels) sets."""
-    from dinoforge.model.knn import extract_features, knn_accuracy
+    from dinoforge.eval.features import cls_features
+    from dinoforge.eval.knn import knn_accuracy
 
-    result = knn_accuracy(extract_features(backbone, train[0]), train[1], extract_features(backbone, test[0]), test[1],
+    result = knn_accuracy(cls_features(backbone, train[0]), train[1], cls_features(backbone, test[0]), test[1],
                           k=k, temperature=temperature)
     return {"protocol": "knn", "k": k, "temperature": temperature, **result, "n_train": len(train[1]), "n_test": len(test[1])}
 
 
-def cmd_evaluate_knn(args: argparse.Namespace) -> int:
-    from dinoforge.export import load_backbone
+def _suite_settings(args: argparse.Namespace):
+    from dinoforge.eval.suite import SuiteSettings
 
+    return SuiteSettings(
+        train=args.train, test=args.test, train_limit=args.train_limit, test_limit=args.test_limit,
+        data=DataConfig(fashion_mnist_root=args.fashion_mnist_root), seed=args.seed,
+        ks=tuple(args.k), temperature=args.temperature, linear_epochs=args.linear_epochs, logreg_max_iter=args.logreg_max_iter,
+        retrieval_queries=args.retrieval_queries, retrieval_distractors=args.retrieval_distractors,
+        dense_train=args.dense_train, dense_test=args.dense_test, dense_epochs=args.dense_epochs,
+        pictures=args.out is not None,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """One protocol (or the suite's chosen set) on exported weights, optionally next to the same
+    architecture at random init; under torchrun, k-NN shards the train set across ranks."""
+    from dinoforge.eval.suite import parse_protocols, run_suite
+    from dinoforge.export import build_from_meta, load_backbone
+
+    try:
+        protocols = parse_protocols(args.protocols if args.protocol == "suite" else args.protocol)
+    except ValueError as err:
+        print(f"dinoforge: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     backbone, meta = load_backbone(args.weights, random_init=args.random_init)
-    data = DataConfig(fashion_mnist_root=args.fashion_mnist_root)
-    train = knn_data(meta, args.train, data, args.train_limit)
-    test = knn_data(meta, args.test, data, args.test_limit)
-    result = knn_eval(backbone, train, test, args.k, args.temperature)
-    print(json.dumps({**result, "weights": args.weights, "init": "random" if args.random_init else "trained"}))
+    backbones = {"random_init" if args.random_init else "trained": backbone}
+    if args.compare_random_init and not args.random_init:
+        backbones["random_init"] = build_from_meta(meta).eval()
+    settings = _suite_settings(args)
+    if protocols == ("knn",) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _evaluate_knn_sharded(backbones, meta, settings)
+    summary = run_suite(backbones, meta, protocols, settings, args.out)
+    print(json.dumps({**summary, "weights": args.weights}))
+    return 0
+
+
+def _evaluate_knn_sharded(backbones: dict, meta: dict, settings) -> int:
+    """k-NN with the train set sharded across torchrun's ranks: each rank extracts features for
+    its share only; neighbours are merged across ranks (``knn_protocol``); rank 0 prints."""
+    from dinoforge.distributed import close_world, init_world
+    from dinoforge.eval.features import cls_features
+    from dinoforge.eval.knn import knn_protocol
+
+    world = init_world()
+    try:
+        train_x, train_y = labelled_images(meta, settings.train, settings.data, settings.train_limit, (world.rank, world.world_size))
+        test_x, test_y = labelled_images(meta, settings.test, settings.data, settings.test_limit)
+        for name, backbone in backbones.items():
+            backbone.to(world.device)
+            train_f = cls_features(backbone, train_x.to(world.device))
+            test_f = cls_features(backbone, test_x.to(world.device))
+            result = knn_protocol(train_f, train_y.to(world.device), test_f, test_y.to(world.device),
+                                  ks=settings.ks, temperature=settings.temperature)
+            if world.rank == 0:
+                print(json.dumps({**result, "init": name, "world_size": world.world_size}), flush=True)
+    finally:
+        close_world()
     return 0
 
 
@@ -119,8 +140,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         "random_init": build_from_meta(meta).eval(),
         "random_init_layerscale1": build_from_meta({**meta, "layerscale_init": 1.0}).eval(),
     }
-    train = knn_data(meta, args.train, cfg.data, args.train_limit)  # prepared once for all three
-    test = knn_data(meta, args.test, cfg.data, args.test_limit)
+    train = labelled_images(meta, args.train, cfg.data, args.train_limit)  # prepared once for all three
+    test = labelled_images(meta, args.test, cfg.data, args.test_limit)
     top1 = {}
     for name, backbone in candidates.items():
         result = knn_eval(backbone, train, test)
@@ -234,6 +255,28 @@ def _add_knn_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
 
 
+def _add_evaluate_args(parser: argparse.ArgumentParser, suite: bool) -> None:
+    parser.add_argument("--weights", required=True, help="exported weights (.pth with its .json beside it)")
+    if suite:
+        parser.add_argument("--protocols", default="all", help="comma-separated protocols, or 'all' (default)")
+    parser.add_argument("--out", default=None, help="directory for results.jsonl, summary.json and pictures")
+    _add_knn_data_args(parser)
+    parser.add_argument("--fashion-mnist-root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--random-init", action="store_true", help="evaluate the same architecture with random weights instead")
+    parser.add_argument("--compare-random-init", action="store_true", help="also evaluate the random init and say which wins")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random init, data splits, probes and built benchmarks")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="k-NN neighbour counts")
+    parser.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
+    parser.add_argument("--linear-epochs", type=int, default=None, help="default: 2,000 steps of 256 (the probe's budget)")
+    parser.add_argument("--logreg-max-iter", type=int, default=300, help="L-BFGS iterations per fit")
+    parser.add_argument("--retrieval-queries", type=int, default=200)
+    parser.add_argument("--retrieval-distractors", type=int, default=2000)
+    parser.add_argument("--dense-train", type=int, default=2000, help="synthetic training scenes for seg/depth")
+    parser.add_argument("--dense-test", type=int, default=500)
+    parser.add_argument("--dense-epochs", type=int, default=10)
+    parser.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinoforge", description="DINOv2 pretraining, export and evaluation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -255,17 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output weights URI, e.g. teacher.pth")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="evaluate frozen features")
+    p = sub.add_parser("evaluate", help="evaluate frozen features (one JSON line per result)")
     protocols = p.add_subparsers(dest="protocol", required=True)
-    knn = protocols.add_parser("knn", help="weighted k-NN on CLS features (cosine, k=20, T=0.07)")
-    knn.add_argument("--weights", required=True, help="exported weights (.pth with its .json beside it)")
-    _add_knn_data_args(knn)
-    knn.add_argument("--fashion-mnist-root", default="/usr/share/datasets/fashion-mnist")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--random-init", action="store_true", help="same architecture with random weights (baseline)")
-    knn.add_argument("--seed", type=int, default=0)
-    knn.set_defaults(func=cmd_evaluate_knn)
+    helps = {
+        "knn": "weighted k-NN on CLS features (cosine, k in --k, T=0.07); shards the train set under torchrun",
+        "linear": "linear probe grid {last 1, 4 blocks' CLS} x {with, without avgpool} x lr, best on held-out data",
+        "logreg": "L-BFGS logistic regression on the last CLS, C picked on held-out data",
+        "retrieval": "instance retrieval mAP (Medium/Hard, revisited Oxford/Paris style) on edited Fashion-MNIST copies",
+        "seg": "linear semantic segmentation (mIoU) on patch tokens of synthetic Fashion-MNIST scenes",
+        "depth": "linear depth on 256 bins (RMSE) on patch tokens of synthetic Fashion-MNIST scenes",
+        "pca": "PCA of patch features (paper Fig. 1): foreground IoU on scikit-image photographs",
+        "suite": "a chosen set of protocols (--protocols), results.jsonl, summary.json and pictures in --out",
+    }
+    for name, text in helps.items():
+        _add_evaluate_args(protocols.add_parser(name, help=text), suite=name == "suite")
 
     _add_data_parsers(sub)
 

@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from dinoforge.data import FashionMNIST
-from dinoforge.model.knn import knn_accuracy, knn_scores, prepare_image
+from dinoforge.eval.features import prepare_image
+from dinoforge.eval.knn import knn_accuracy, knn_scores
 
 
 def plain_knn_top1(train, train_labels, test, test_labels, k, temperature, num_classes):

@@ -1,22 +1,14 @@
 """Learning is real: features trained with the full objective beat the same network at
 random initialisation on Fashion-MNIST k-NN (cosine, k=20, T=0.07)."""
 
-import json
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
-from dinoforge.cli import knn_data, knn_eval
+from dinoforge.cli import knn_eval
+from dinoforge.eval.features import labelled_images
 from dinoforge.config import load_config
 from dinoforge.export import build_from_meta, export_backbone, load_backbone
 from dinoforge.train import pretrain
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
 
 
 def test_short_training_beats_random_init(tmp_path):
@@ -29,25 +21,12 @@ def test_short_training_beats_random_init(tmp_path):
     trained, meta = load_backbone(weights)
     torch.manual_seed(0)
     random = build_from_meta(meta).eval()
-    train = knn_data(meta, "fashion-mnist:train", cfg.data, 5000)
-    test = knn_data(meta, "fashion-mnist:test", cfg.data, 1000)
+    train = labelled_images(meta, "fashion-mnist:train", cfg.data, 5000)
+    test = labelled_images(meta, "fashion-mnist:test", cfg.data, 1000)
     trained_top1 = knn_eval(trained, train, test)["top1"]
     random_top1 = knn_eval(random, train, test)["top1"]
     print(f"k-NN top-1 after 60 steps: trained {trained_top1:.1f} vs random init {random_top1:.1f}")
     assert trained_top1 >= random_top1 + 10
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The README's main job: `dinoforge pipeline --preset smoke` (about 15 minutes)."""
-    output = tmp_path_factory.mktemp("smoke")
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dinoforge.cli", "pipeline", "--preset", "smoke", "--output", str(output),
-                             "--no-progress"], capture_output=True, text=True, timeout=3000)
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = last_json(result.stdout)
-    print("\n" + json.dumps(summary) + f"\nwall time incl. evaluation: {time.perf_counter() - started:.0f} s")
-    return output, summary
 
 
 @pytest.mark.slow
