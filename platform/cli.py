@@ -248,6 +248,58 @@ def _add_data_parsers(sub) -> None:
     info.set_defaults(func=cmd_data_info)
 
 
+def cmd_curate_embed(args: argparse.Namespace) -> int:
+    from dinoforge.curation.embed import embed_manifest
+
+    summary = embed_manifest(args.manifest, args.weights, args.out, rank=args.rank, world=args.world,
+                             chunk_rows=args.chunk_rows, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_curate_cluster(args: argparse.Namespace) -> int:
+    from dinoforge.curation.steps import cluster_step
+
+    print(json.dumps(cluster_step(args.out, args.levels, resampling_steps=args.resampling_steps, niter=args.niter, seed=args.seed)))
+    return 0
+
+
+def cmd_curate_sample(args: argparse.Namespace) -> int:
+    from dinoforge.curation.steps import sample_step
+
+    print(json.dumps(sample_step(args.out, args.n, args.manifest_out, strategy=args.strategy, seed=args.seed)))
+    return 0
+
+
+def _add_curate_parsers(sub) -> None:
+    curate = sub.add_parser("curate", help="data curation steps (LVD-142M style)")
+    steps = curate.add_subparsers(dest="step", required=True)
+    embed = steps.add_parser("embed", help="embed a manifest's images into float16 chunks (sharded by worker, resumable)")
+    embed.add_argument("manifest", help="manifest URI (Parquet)")
+    embed.add_argument("--weights", required=True, help="exported weights (.pth with its .json beside it)")
+    embed.add_argument("--out", required=True, help="output URI; chunks go to OUT/embeddings/")
+    embed.add_argument("--rank", type=int, default=None, help="this worker (default: $RANK, else 0)")
+    embed.add_argument("--world", type=int, default=None, help="number of workers (default: $WORLD_SIZE, else 1)")
+    embed.add_argument("--chunk-rows", type=int, default=4096, help="manifest rows per resumable chunk")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    embed.set_defaults(func=cmd_curate_embed)
+    cluster = steps.add_parser("cluster", help="hierarchical k-means with resampling over OUT's embeddings -> OUT/clusters.npz")
+    cluster.add_argument("out", help="the curation URI given to `curate embed --out`")
+    cluster.add_argument("--levels", type=int, nargs="+", required=True, help="clusters per level, bottom first (e.g. 1000 100 10)")
+    cluster.add_argument("--resampling-steps", type=int, default=10)
+    cluster.add_argument("--niter", type=int, default=20, help="k-means iterations")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.set_defaults(func=cmd_curate_cluster)
+    sample = steps.add_parser("sample", help="balanced top-down sample of N images -> curated manifest")
+    sample.add_argument("out", help="the curation URI (with clusters.npz)")
+    sample.add_argument("--n", type=int, required=True, help="images to keep")
+    sample.add_argument("--manifest-out", required=True, help="curated manifest URI (Parquet)")
+    sample.add_argument("--strategy", choices=("random", "closest"), default="random", help="pick within the smallest clusters")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_curate_sample)
+
+
 def _add_knn_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", default="fashion-mnist:train", help="labelled train set (default: fashion-mnist:train)")
     parser.add_argument("--test", default="fashion-mnist:test", help="labelled test set (default: fashion-mnist:test)")
@@ -314,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate_args(protocols.add_parser(name, help=text), suite=name == "suite")
 
     _add_data_parsers(sub)
+    _add_curate_parsers(sub)
 
     p = sub.add_parser("pipeline", help="pretrain, export and k-NN-evaluate (trained vs random init) in one go")
     _add_config_args(p)
