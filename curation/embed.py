@@ -129,7 +129,7 @@ def chunk_rows_range(chunk: int, chunk_rows: int, num_rows: int) -> range:
     return range(chunk * chunk_rows, min(num_rows, (chunk + 1) * chunk_rows))
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """The arrays as an uncompressed ``.npz``. Equal arrays give equal bytes: ``np.savez``
     writes each member through ``ZipFile.open(name, "w")``, which stamps zipfile's fixed default
     date (1980-01-01), not the current time."""
@@ -231,7 +231,7 @@ def _write_chunk(fs: fsspec.AbstractFileSystem, root: str, info: dict[str, Any],
     """Uploads one finished chunk in a single PUT (an object store never shows a partial one) and logs it."""
     row_range = chunk_rows_range(chunk, info["chunk_rows"], info["num_rows"])
     arrays = _chunk_arrays(rows, embeddings, skipped, info["dim"], row_range, info["lineage"])
-    fs.pipe_file(chunk_path(root, chunk), _npz_bytes(arrays))
+    fs.pipe_file(chunk_path(root, chunk), npz_bytes(arrays))
     reasons = dict(sorted(Counter(reason for _, reason in skipped).items()))
     log.info("embed chunk %d/%d rows [%d, %d): %d embedded, %d skipped %s, %.2f s", chunk + 1, info["num_chunks"],
              row_range.start, row_range.stop, len(rows), len(skipped), reasons, seconds,

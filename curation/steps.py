@@ -8,7 +8,6 @@ its own command / TorchX role after ``embed``:
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -17,22 +16,19 @@ import fsspec
 import numpy as np
 
 from dinoforge.curation.cluster import Hierarchy, Level, balanced_sample, cluster_entropy, hierarchical_kmeans
-from dinoforge.curation.embed import embedding_info, load_embeddings
+from dinoforge.curation.embed import embedding_info, load_embeddings, npz_bytes
 from dinoforge.data.manifest import Manifest, creator_info
 from dinoforge.data.storage import join
 
 
 def _write_npz(uri: str, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.pipe_file(path, buffer.getvalue())  # one PUT: never a partial file on object stores
+    fs.pipe_file(path, npz_bytes(arrays))  # one PUT: never a partial file on object stores
 
 
 def _read_npz(uri: str) -> dict[str, np.ndarray]:
-    with fsspec.open(uri, "rb") as handle:
-        with np.load(io.BytesIO(handle.read())) as data:
-            return {key: data[key] for key in data.files}
+    with fsspec.open(uri, "rb") as handle, np.load(handle, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
 
 
 def cluster_step(out_uri: str, levels: Sequence[int], *, resampling_steps: int = 10, niter: int = 20, seed: int = 0) -> dict[str, Any]:
