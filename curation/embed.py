@@ -11,7 +11,9 @@ Chunk ``c`` belongs to worker ``c % world``, so any number of workers produces t
 chunks. Each chunk is one ``.npz`` (a zip of ``.npy`` arrays, readable with ``np.load``):
 ``ids`` (int64 manifest rows that were embedded), ``embeddings`` (float16, (n_ok, D),
 L2-normalised CLS), ``skipped_rows`` (int64) with ``skipped_reasons`` (the ``BadImage``
-reason), ``rows`` ([start, stop) of the chunk) and ``lineage`` (a hash of the settings the
+reason), the de-duplication signatures of the embedded rows (``phash`` uint64, ``canon``
+float16 (n_ok, 32, 32) grey thumbnails, ``pixels`` int64: see ``dedup.Signatures``; computed
+here so that de-duplication never decodes the pool again), ``rows`` ([start, stop) of the chunk) and ``lineage`` (a hash of the settings the
 chunk was computed with). A chunk is uploaded in one ``pipe_file`` call, which object stores
 publish atomically; a local file cut short by a crash fails to open and is recomputed.
 """
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dinoforge.curation.dedup import CANON, Signatures
 from dinoforge.data.decode import BadImage
 from dinoforge.data.manifest import Manifest, creator_info
 from dinoforge.data.sources import ManifestSource
@@ -44,10 +47,10 @@ from dinoforge.export import load_backbone
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks carry de-duplication signatures
 DTYPE = "float16"
 # Settings whose change makes existing chunks wrong for the current call (checked, not mixed).
-CHECKED_KEYS = ("manifest_digest", "weights_uri", "weights_meta", "chunk_rows", "dim", "dtype")
+CHECKED_KEYS = ("format_version", "manifest_digest", "weights_uri", "weights_meta", "chunk_rows", "dim", "dtype")
 # Batches read, decoded and prepared in background threads while the model runs the current
 # one; the bound caps memory at a few float32 (batch_size, 3, S, S) batches.
 PREFETCH_BATCHES = 2
@@ -180,17 +183,19 @@ def _pending_chunks(fs: fsspec.AbstractFileSystem, root: str, mine: Iterable[int
     return pending
 
 
-def _load_batch(source: ManifestSource, meta: dict, batch: Batch) -> tuple[Batch, list[int], Tensor | None, Skipped]:
-    """Reads, decodes and prepares one batch: (batch, embedded rows, images or None, skipped rows)."""
-    rows, images, skipped = [], [], []
+def _load_batch(source: ManifestSource, meta: dict, batch: Batch) -> tuple[Batch, list[int], Tensor | None, Signatures, Skipped]:
+    """Reads, decodes and prepares one batch: (batch, embedded rows, images or None, their
+    de-duplication signatures, skipped rows)."""
+    rows, images, decoded, skipped = [], [], [], []
     for row, result in zip(batch.rows, source.get_many(batch.rows)):
         if isinstance(result, BadImage):
             log.debug("skipped row %d (%s): %s", row, source.uri(row), result)
             skipped.append((row, result.reason))
         else:
             rows.append(row)
+            decoded.append(result[0])
             images.append(prepare_image(result[0], meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]))
-    return batch, rows, torch.stack(images) if images else None, skipped
+    return batch, rows, torch.stack(images) if images else None, Signatures.of(decoded), skipped
 
 
 def _prefetched(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:
@@ -214,11 +219,14 @@ def _batches(chunks: Iterable[int], chunk_rows: int, num_rows: int, batch_size: 
             yield Batch(chunk, range(start, min(rows.stop, start + batch_size)), start == starts[-1])
 
 
-def _chunk_arrays(rows: list[int], embeddings: list[np.ndarray], skipped: Skipped, dim: int,
-                  row_range: range, lineage: str) -> dict[str, np.ndarray]:
+def _chunk_arrays(rows: list[int], embeddings: list[np.ndarray], signatures: list[Signatures], skipped: Skipped,
+                  dim: int, row_range: range, lineage: str) -> dict[str, np.ndarray]:
     return {
         "ids": np.asarray(rows, dtype=np.int64),
         "embeddings": np.concatenate(embeddings) if embeddings else np.zeros((0, dim), dtype=DTYPE),
+        "phash": np.concatenate([np.zeros(0, np.uint64)] + [s.hashes for s in signatures]),
+        "canon": np.concatenate([np.zeros((0, CANON, CANON), np.float16)] + [s.canon.half().numpy() for s in signatures]),
+        "pixels": np.concatenate([np.zeros(0, np.int64)] + [s.pixels for s in signatures]),
         "skipped_rows": np.asarray([row for row, _ in skipped], dtype=np.int64),
         "skipped_reasons": np.asarray([reason for _, reason in skipped], dtype=str),
         "rows": np.asarray([row_range.start, row_range.stop], dtype=np.int64),
@@ -227,10 +235,10 @@ def _chunk_arrays(rows: list[int], embeddings: list[np.ndarray], skipped: Skippe
 
 
 def _write_chunk(fs: fsspec.AbstractFileSystem, root: str, info: dict[str, Any], chunk: int, rows: list[int],
-                 embeddings: list[np.ndarray], skipped: Skipped, seconds: float) -> None:
+                 embeddings: list[np.ndarray], signatures: list[Signatures], skipped: Skipped, seconds: float) -> None:
     """Uploads one finished chunk in a single PUT (an object store never shows a partial one) and logs it."""
     row_range = chunk_rows_range(chunk, info["chunk_rows"], info["num_rows"])
-    arrays = _chunk_arrays(rows, embeddings, skipped, info["dim"], row_range, info["lineage"])
+    arrays = _chunk_arrays(rows, embeddings, signatures, skipped, info["dim"], row_range, info["lineage"])
     fs.pipe_file(chunk_path(root, chunk), npz_bytes(arrays))
     reasons = dict(sorted(Counter(reason for _, reason in skipped).items()))
     log.info("embed chunk %d/%d rows [%d, %d): %d embedded, %d skipped %s, %.2f s", chunk + 1, info["num_chunks"],
@@ -245,22 +253,24 @@ def _embed_chunks(backbone: nn.Module, source: ManifestSource, meta: dict, info:
     """Embeds and writes ``chunks``, reading ahead across chunk ends; returns (rows embedded, rows skipped)."""
     rows: list[int] = []
     embeddings: list[np.ndarray] = []
+    signatures: list[Signatures] = []
     skipped: Skipped = []
     embedded = dropped = 0
     started = time.perf_counter()
     batches = _batches(chunks, info["chunk_rows"], info["num_rows"], batch_size)
     with ThreadPoolExecutor(PREFETCH_BATCHES, thread_name_prefix="embed-load") as pool:
-        for batch, batch_rows, images, batch_skipped in _prefetched(pool, lambda b: _load_batch(source, meta, b), batches,
+        for batch, batch_rows, images, batch_signatures, batch_skipped in _prefetched(pool, lambda b: _load_batch(source, meta, b), batches,
                                                                     PREFETCH_BATCHES):
             if images is not None:
                 features = cls_features(backbone, images.to(device), batch_size=batch_size)
                 embeddings.append(features.cpu().numpy().astype(DTYPE))
             rows += batch_rows
+            signatures.append(batch_signatures)
             skipped += batch_skipped
             if batch.last:
-                _write_chunk(fs, root, info, batch.chunk, rows, embeddings, skipped, time.perf_counter() - started)
+                _write_chunk(fs, root, info, batch.chunk, rows, embeddings, signatures, skipped, time.perf_counter() - started)
                 embedded, dropped = embedded + len(rows), dropped + len(skipped)
-                rows, embeddings, skipped = [], [], []
+                rows, embeddings, signatures, skipped = [], [], [], []
                 started = time.perf_counter()
     return embedded, dropped
 
@@ -321,9 +331,9 @@ def embedding_info(out_uri: str) -> dict[str, Any]:
         return json.loads(handle.read())
 
 
-def iter_embedding_chunks(out_uri: str) -> Iterator[tuple[np.ndarray, np.ndarray, Skipped]]:
-    """(ids int64, embeddings float16 (n, D), skipped [(row, reason)]) per chunk in row order,
-    one chunk in memory at a time. Raises if any chunk is missing or from other settings."""
+def iter_chunks(out_uri: str, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+    """The arrays ``keys`` of every chunk in row order, one chunk in memory at a time. Raises
+    if any chunk is missing or from other settings."""
     info = embedding_info(out_uri)
     fs, root = fsspec.core.url_to_fs(join(out_uri, "embeddings"))
     present = _present(fs, root)
@@ -336,8 +346,13 @@ def iter_embedding_chunks(out_uri: str) -> Iterator[tuple[np.ndarray, np.ndarray
         with fs.open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             _check_chunk(fs.unstrip_protocol(path), str(data["lineage"]), data["rows"].tolist(), info["lineage"],
                          chunk_rows_range(chunk, info["chunk_rows"], info["num_rows"]))
-            skipped = list(zip(data["skipped_rows"].tolist(), data["skipped_reasons"].tolist()))
-            yield data["ids"], data["embeddings"], skipped
+            yield {key: data[key] for key in keys}
+
+
+def iter_embedding_chunks(out_uri: str) -> Iterator[tuple[np.ndarray, np.ndarray, Skipped]]:
+    """(ids int64, embeddings float16 (n, D), skipped [(row, reason)]) per chunk in row order."""
+    for data in iter_chunks(out_uri, ("ids", "embeddings", "skipped_rows", "skipped_reasons")):
+        yield data["ids"], data["embeddings"], list(zip(data["skipped_rows"].tolist(), data["skipped_reasons"].tolist()))
 
 
 def load_embeddings(out_uri: str) -> tuple[np.ndarray, np.ndarray, Skipped]:
@@ -350,3 +365,13 @@ def load_embeddings(out_uri: str) -> tuple[np.ndarray, np.ndarray, Skipped]:
         embeddings.append(chunk_embeddings)
         skipped += chunk_skipped
     return np.concatenate(ids), np.concatenate(embeddings), skipped
+
+
+def load_signatures(out_uri: str) -> tuple[np.ndarray, Signatures]:
+    """The embedded rows (int64, row order) and their de-duplication signatures."""
+    chunks = list(iter_chunks(out_uri, ("ids", "phash", "canon", "pixels")))
+    ids = np.concatenate([np.zeros(0, np.int64)] + [c["ids"] for c in chunks])
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [c["phash"] for c in chunks])
+    canon = np.concatenate([np.zeros((0, CANON, CANON), np.float16)] + [c["canon"] for c in chunks])
+    pixels = np.concatenate([np.zeros(0, np.int64)] + [c["pixels"] for c in chunks])
+    return ids, Signatures(hashes, torch.from_numpy(canon).float(), pixels)

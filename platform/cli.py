@@ -271,6 +271,56 @@ def cmd_curate_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate_dedup(args: argparse.Namespace) -> int:
+    from dinoforge.curation.steps import dedup_step
+
+    print(json.dumps(dedup_step(args.out, eval_uri=args.eval, method=args.method, max_hamming=args.max_hamming, k=args.k,
+                                threshold=args.threshold, eval_threshold=args.eval_threshold, index=args.index)))
+    return 0
+
+
+def cmd_curate_retrieve(args: argparse.Namespace) -> int:
+    from dinoforge.curation.steps import retrieve_step
+
+    print(json.dumps(retrieve_step(args.out, args.seeds, args.manifest_out, method=args.method, k=args.k,
+                                   per_cluster=args.per_cluster, nprobe=args.nprobe, seed=args.seed)))
+    return 0
+
+
+def cmd_curate_report(args: argparse.Namespace) -> int:
+    from dinoforge.curation.report import write_report
+
+    print(json.dumps(write_report(args.out, curated=args.curated, seed=args.seed)))
+    return 0
+
+
+def cmd_curate_make_pool(args: argparse.Namespace) -> int:
+    from dinoforge.curation.pool import make_pool
+    from dinoforge.data.importers import import_images
+
+    spec = make_pool(args.out, n_base=args.n_base, n_copies=args.n_copies, n_eval_copies=args.n_eval_copies,
+                     n_eval=args.n_eval, seed=args.seed)
+    for name in ("pool", "eval"):
+        import_images(str(spec.root / name), labels_from_folders=False).manifest.write(str(spec.root / f"{name}.parquet"))
+    print(json.dumps({"pool": str(spec.root / "pool.parquet"), "eval": str(spec.root / "eval.parquet"),
+                      "truth": str(spec.truth), "pool_images": len(spec.files), "planted_copies": len(spec.copy_of),
+                      "planted_eval_copies": len(spec.eval_copy_of), "eval_images": len(spec.eval_files)}))
+    return 0
+
+
+def cmd_curate_run(args: argparse.Namespace) -> int:
+    from dinoforge.curation.pipeline import CurateSettings, run_curation
+
+    settings = CurateSettings(args.manifest, args.weights, args.out, eval_manifest=args.eval_manifest, seeds=args.seeds,
+                              dedup_method=args.dedup, levels=tuple(args.levels) if args.levels else None,
+                              resampling_steps=args.resampling_steps, n=args.n, retrieve_method=args.method,
+                              k=args.k, per_cluster=args.per_cluster, chunk_rows=args.chunk_rows,
+                              batch_size=args.batch_size, device=args.device, seed=args.seed)
+    for summary in run_curation(settings):
+        print(json.dumps(summary))
+    return 0
+
+
 def _add_curate_parsers(sub) -> None:
     curate = sub.add_parser("curate", help="data curation steps (LVD-142M style)")
     steps = curate.add_subparsers(dest="step", required=True)
@@ -298,6 +348,60 @@ def _add_curate_parsers(sub) -> None:
     sample.add_argument("--strategy", choices=("random", "closest"), default="random", help="pick within the smallest clusters")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_curate_sample)
+    dedup = steps.add_parser("dedup", help="remove copies (pHash, near-duplicates, evaluation copies) -> OUT/dedup.json")
+    dedup.add_argument("out", help="the curation URI given to `curate embed --out`")
+    dedup.add_argument("--eval", default=None, help="`curate embed --out` URI of the evaluation images to protect")
+    dedup.add_argument("--method", choices=("copy", "embedding"), default="copy",
+                       help="copy: the hand-built copy matcher (default); embedding: the paper's k-NN graph on the embeddings")
+    dedup.add_argument("--max-hamming", type=int, default=2, help="pHash bits within which images are copies")
+    dedup.add_argument("--k", type=int, default=None, help="neighbours per image (default: 4 copy, 64 embedding)")
+    dedup.add_argument("--threshold", type=float, default=None, help="near-duplicate similarity (default: 0.955 copy, 0.6 embedding)")
+    dedup.add_argument("--eval-threshold", type=float, default=None, help="evaluation-copy similarity (default: 0.88 copy, 0.45 embedding)")
+    dedup.add_argument("--index", choices=("flat", "ivf"), default="flat", help="k-NN search: exact, or faiss IVF for large pools")
+    dedup.set_defaults(func=cmd_curate_dedup)
+    retrieve = steps.add_parser("retrieve", help="pool images near a seed set -> curated manifest")
+    retrieve.add_argument("out", help="the curation URI (pool embeddings, dedup.json, clusters.npz)")
+    retrieve.add_argument("--seeds", required=True, help="`curate embed --out` URI of the seed images (same weights)")
+    retrieve.add_argument("--manifest-out", required=True, help="curated manifest URI (Parquet)")
+    _add_retrieve_args(retrieve)
+    retrieve.add_argument("--nprobe", type=int, default=32, help="IVF lists searched (ivfpq)")
+    retrieve.set_defaults(func=cmd_curate_retrieve)
+    report = steps.add_parser("report", help="counts, cluster-size histogram, cluster montage, near-duplicate examples -> OUT/report/")
+    report.add_argument("out", help="the curation URI")
+    report.add_argument("--curated", nargs="*", default=[], help="curated manifests to compare with the pool")
+    report.add_argument("--seed", type=int, default=0)
+    report.set_defaults(func=cmd_curate_report)
+    pool = steps.add_parser("make-pool", help="a test pool: real images plus planted edited copies, with ground truth")
+    pool.add_argument("out", help="local folder: pool/, eval/, pool.parquet, eval.parquet, truth.json")
+    pool.add_argument("--n-base", type=int, default=280)
+    pool.add_argument("--n-copies", type=int, default=100)
+    pool.add_argument("--n-eval-copies", type=int, default=20)
+    pool.add_argument("--n-eval", type=int, default=100)
+    pool.add_argument("--seed", type=int, default=0)
+    pool.set_defaults(func=cmd_curate_make_pool)
+    run = steps.add_parser("run", help="embed -> dedup -> cluster -> sample / retrieve -> report, in one process")
+    run.add_argument("manifest", help="pool manifest URI (Parquet)")
+    run.add_argument("--weights", required=True, help="exported weights of the embedder")
+    run.add_argument("--out", required=True, help="curation URI (any fsspec URI)")
+    run.add_argument("--eval-manifest", default=None, help="evaluation images whose copies are removed from the pool")
+    run.add_argument("--seeds", default=None, help="seed manifest: retrieve its neighbours -> OUT/retrieved.parquet")
+    run.add_argument("--dedup", choices=("copy", "embedding", "none"), default="copy")
+    run.add_argument("--levels", type=int, nargs="+", default=None, help="clusters per level, bottom first (default: N/20, sqrt)")
+    run.add_argument("--resampling-steps", type=int, default=10)
+    run.add_argument("--n", type=int, default=None, help="balanced sample size -> OUT/curated.parquet")
+    _add_retrieve_args(run, flag="--retrieve")
+    run.add_argument("--chunk-rows", type=int, default=4096)
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--device", default=None)
+    run.set_defaults(func=cmd_curate_run)
+
+
+def _add_retrieve_args(parser: argparse.ArgumentParser, flag: str = "--method") -> None:
+    parser.add_argument(flag, dest="method", choices=("exact", "ivfpq", "clusters"), default="exact",
+                        help="retrieval: k-NN per seed (exact or faiss IVF-PQ), or the seeds' clusters (small seed sets)")
+    parser.add_argument("--k", type=int, default=4, help="pool images per seed (paper: 4)")
+    parser.add_argument("--per-cluster", type=int, default=10_000, help="images per seed cluster (clusters; paper: 10,000)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _add_knn_data_args(parser: argparse.ArgumentParser) -> None:
