@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from dinoforge.curation.embed import embed_manifest, load_embeddings
+from dinoforge.curation.embed import embed_manifest
 from dinoforge.curation.report import write_report
-from dinoforge.curation.steps import cluster_step, dedup_step, read_dedup, retrieve_step, sample_step
+from dinoforge.curation.steps import cluster_step, dedup_step, kept_rows, read_dedup, retrieve_step, sample_step
 from dinoforge.data.storage import join
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ def run_curation(settings: CurateSettings) -> list[dict[str, Any]]:
     if s.dedup_method == "none" and dedup is not None:
         raise ValueError(f"{out} holds a dedup.json from an earlier run, which cluster would apply: "
                          "remove it or use another output")
-    points = dedup["counts"]["kept"] if dedup else len(load_embeddings(out)[0])
-    levels = list(s.levels) if s.levels else auto_levels(points)
+    levels = list(s.levels) if s.levels else auto_levels(len(kept_rows(out)))
     summaries.append(_timed("cluster", lambda: cluster_step(out, levels, resampling_steps=s.resampling_steps, seed=s.seed)))
     curated = []
     if s.n is not None:

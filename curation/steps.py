@@ -27,7 +27,7 @@ import numpy as np
 from dinoforge.curation.cluster import Hierarchy, Level, balanced_sample, cluster_entropy, hierarchical_kmeans
 from dinoforge.curation.dedup import COPY_EVAL_K, COPY_EVAL_THRESHOLD, COPY_K, COPY_THRESHOLD, MAX_HAMMING, PAPER_EVAL_THRESHOLD, PAPER_K, \
     PAPER_THRESHOLD, deduplicate
-from dinoforge.curation.embed import embedding_info, load_embeddings, load_signatures, npz_bytes
+from dinoforge.curation.embed import embedding_info, iter_chunks, load_embeddings, load_signatures, npz_bytes
 from dinoforge.curation.search import build_ivfpq, exact_knn, recall_at_k, retrieve_neighbours, sample_seed_clusters, search, \
     suggest_ivfpq_params
 from dinoforge.data.manifest import Manifest, creator_info
@@ -80,7 +80,7 @@ def dedup_step(out_uri: str, *, eval_uri: str | None = None, method: str = "copy
     info = embedding_info(out_uri)
     pool = checked_manifest(info)
     ids, signatures = load_signatures(out_uri)
-    _, emb, skipped = load_embeddings(out_uri) if method == "embedding" else (None, None, None)
+    emb = load_embeddings(out_uri)[1].astype(np.float32) if method == "embedding" else None
     evaluation = eval_ids = eval_emb = eval_manifest = None
     if eval_uri is not None:
         eval_info = embedding_info(eval_uri)
@@ -96,7 +96,7 @@ def dedup_step(out_uri: str, *, eval_uri: str | None = None, method: str = "copy
     params = {"max_hamming": max_hamming, "index": index, **defaults,
               **{key: value for key, value in {"k": k, "threshold": threshold, "eval_threshold": eval_threshold}.items()
                  if value is not None}}
-    result = deduplicate(signatures, evaluation, emb=None if emb is None else emb.astype(np.float32), eval_emb=eval_emb,
+    result = deduplicate(signatures, evaluation, emb=emb, eval_emb=eval_emb,
                          max_hamming=max_hamming, k=params["k"], threshold=params["threshold"],
                          eval_threshold=params["eval_threshold"], index=index)
     removed = [{"row": int(ids[r]), "step": "hash", "duplicate_of": int(ids[kept]), "similarity": None} for r, kept in result.hash]
@@ -118,27 +118,32 @@ def dedup_step(out_uri: str, *, eval_uri: str | None = None, method: str = "copy
     return {"step": "dedup", "method": method, **counts, "params": params}
 
 
-def _clustered_rows(out_uri: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
-    """(rows, float32 embeddings) of the embedded rows that de-duplication kept, and the dedup report."""
-    ids, embeddings, _ = load_embeddings(out_uri)
+def kept_rows(out_uri: str) -> np.ndarray:
+    """The embedded pool rows that de-duplication kept (all of them when it was not run),
+    read from the chunks' ids alone."""
+    ids = np.concatenate([np.zeros(0, np.int64)] + [chunk["ids"] for chunk in iter_chunks(out_uri, ("ids",))])
     dedup = read_dedup(out_uri)
-    if dedup is not None:
-        keep = ~np.isin(ids, [item["row"] for item in dedup["removed"]])
-        ids, embeddings = ids[keep], embeddings[keep]
-    return ids, embeddings.astype(np.float32), dedup
+    return ids if dedup is None else ids[~np.isin(ids, [item["row"] for item in dedup["removed"]])]
+
+
+def _clustered_rows(out_uri: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(rows, float32 embeddings) of ``kept_rows``, and whether de-duplication ran."""
+    ids, embeddings, _ = load_embeddings(out_uri)
+    keep = np.isin(ids, kept_rows(out_uri))
+    return ids[keep], embeddings[keep].astype(np.float32), read_dedup(out_uri) is not None
 
 
 def cluster_step(out_uri: str, levels: Sequence[int], *, resampling_steps: int = 10, niter: int = 20, seed: int = 0) -> dict[str, Any]:
     """Hierarchical k-means (``levels`` = clusters per level, bottom first) over the embeddings
     in ``out_uri`` that de-duplication kept (all of them when it was not run); writes
     ``clusters.npz`` (pool rows + every level) and returns a summary."""
-    ids, embeddings, dedup = _clustered_rows(out_uri)
+    ids, embeddings, deduplicated = _clustered_rows(out_uri)
     hierarchy = hierarchical_kmeans(embeddings, list(levels), resampling_steps=resampling_steps, niter=niter, seed=seed)
     arrays: dict[str, np.ndarray] = {"ids": ids}
     for i, level in enumerate(hierarchy.levels):
         arrays |= {f"centroids_{i}": level.centroids, f"parents_{i}": level.parents, f"distances_{i}": level.distances}
     params = {"levels": list(levels), "resampling_steps": resampling_steps, "niter": niter, "seed": seed,
-              "deduplicated": dedup is not None}
+              "deduplicated": deduplicated}
     arrays["params"] = np.frombuffer(json.dumps(params).encode(), dtype=np.uint8)
     _write_npz(join(out_uri, "clusters.npz"), **arrays)
     sizes = hierarchy.cluster_sizes()
@@ -204,7 +209,7 @@ def retrieve_step(out_uri: str, seeds_uri: str, manifest_out: str, *, method: st
     params: dict[str, Any] = {"method": method, "seeds": seeds_uri, "seed_images": len(seed_emb)}
     if method == "clusters":
         ids, hierarchy, cluster_params = read_clusters(out_uri)
-        if not np.array_equal(_clustered_rows(out_uri)[0], ids):
+        if not np.array_equal(kept_rows(out_uri), ids):
             raise ValueError(f"{out_uri}: clusters.npz is older than dedup.json; rerun cluster_step")
         picked = sample_seed_clusters(seed_emb, hierarchy.levels[0].centroids, hierarchy.point_clusters()[:, 0],
                                       per_cluster, seed)
