@@ -5,10 +5,10 @@ alone (``smoke`` preset, self-supervised) and distilled from a frozen teacher
 (``smoke_distill``), exports each run's model (the EMA teacher; the spare EMA of the student),
 and prints the k-NN top-1 (cosine, k = 20, T = 0.07, 60k train / 10k test CLS features) of
 the teacher, the student alone and the distilled student. The teacher is exported backbone
-weights, e.g. the README main job's ``runs/smoke/export/teacher_backbone.pth`` (ViT-nano/4).
+weights, e.g. the README main job's ``runs/local/pretrain/export/teacher_backbone.pth`` (ViT-nano/4).
 Not a test: run it by hand (about 20 minutes on 2 cores), e.g.
 
-    python benchmarks/distillation.py --teacher runs/smoke/export/teacher_backbone.pth --out /tmp/distill --check
+    python benchmarks/distillation.py --teacher runs/local/pretrain/export/teacher_backbone.pth --out /tmp/distill --check
 
 Prints one JSON line; ``--check`` exits with status 1 unless the distilled student beats the
 student trained alone.

@@ -649,26 +649,29 @@ class DedupResult:
 def deduplicate(pool: Signatures, evaluation: Signatures | None = None, *, emb: np.ndarray | None = None,
                 eval_emb: np.ndarray | None = None, max_hamming: int = MAX_HAMMING, k: int | None = None,
                 threshold: float | None = None, eval_threshold: float | None = None, priority: np.ndarray | None = None,
-                index: str = "flat") -> DedupResult:
+                index: str = "flat", near: bool = True) -> DedupResult:
     """The three steps, each on the survivors of the one before: pHash components
     (``hash_duplicates``); near-duplicates, by ``embedding_duplicates`` on ``emb`` (rows of
     ``pool``) when given, else by the hand-built ``copy_duplicates``; copies of evaluation
     images, first by pHash (``hash_matches``) then by ``eval_copies`` on ``eval_emb`` when given,
-    else by ``copy_eval_matches``. ``priority`` defaults to each image's pixel count, so the
-    largest version of a duplicate survives. Unset k/thresholds take the defaults above."""
+    else by ``copy_eval_matches``. ``near`` False: the pHash steps only (exact and near-exact
+    copies). ``priority`` defaults to each image's pixel count, so the largest version of a
+    duplicate survives. Unset k/thresholds take the defaults above."""
     if eval_emb is not None and emb is None:
         raise ValueError("eval_emb needs emb: both steps must use the same embedder")
     n = len(pool)
     priority = pool.pixels.astype(np.float64) if priority is None else priority
     result = DedupResult(n, hash=hash_duplicates(pool.hashes, max_hamming, priority=priority))
     alive = np.setdiff1d(np.arange(n), result.removed)
-    if emb is not None:
-        near = embedding_duplicates(emb[alive], k=k or PAPER_K, threshold=PAPER_THRESHOLD if threshold is None else threshold,
-                                    priority=priority[alive], index=index)
+    if near and emb is not None:
+        pairs = embedding_duplicates(emb[alive], k=k or PAPER_K, threshold=PAPER_THRESHOLD if threshold is None else threshold,
+                                     priority=priority[alive], index=index)
+    elif near:
+        pairs = copy_duplicates(pool.canon[alive], k=k or COPY_K, threshold=COPY_THRESHOLD if threshold is None else threshold,
+                                priority=priority[alive], index=index)
     else:
-        near = copy_duplicates(pool.canon[alive], k=k or COPY_K, threshold=COPY_THRESHOLD if threshold is None else threshold,
-                               priority=priority[alive], index=index)
-    result.near = [(int(alive[r]), int(alive[kept]), sim) for r, kept, sim in near]
+        pairs = []
+    result.near = [(int(alive[r]), int(alive[kept]), sim) for r, kept, sim in pairs]
     # an image kept by the hash step but removed as a near-duplicate hands its duplicates on
     survivor = {r: kept for r, kept, _ in result.near}
     result.hash = [(r, survivor.get(kept, kept)) for r, kept in result.hash]
@@ -677,10 +680,12 @@ def deduplicate(pool: Signatures, evaluation: Signatures | None = None, *, emb: 
     alive = np.setdiff1d(np.arange(n), result.removed)
     result.eval_hash = [(int(alive[i]), e) for i, e in hash_matches(pool.hashes[alive], evaluation.hashes, max_hamming)]
     alive = np.setdiff1d(np.arange(n), result.removed)
-    if eval_emb is not None:
+    if near and eval_emb is not None:
         matches = eval_copies(emb[alive], eval_emb, PAPER_EVAL_THRESHOLD if eval_threshold is None else eval_threshold)
-    else:
+    elif near:
         matches = copy_eval_matches(pool.canon[alive], evaluation.canon, k=COPY_EVAL_K,
                                     threshold=COPY_EVAL_THRESHOLD if eval_threshold is None else eval_threshold, index=index)
+    else:
+        matches = []
     result.eval = [(int(alive[i]), e, sim) for i, e, sim in matches]
     return result

@@ -44,6 +44,7 @@ from dinoforge.data.sources import ManifestSource
 from dinoforge.data.storage import join
 from dinoforge.eval.features import cls_features, prepare_image
 from dinoforge.export import load_backbone
+from dinoforge.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +250,16 @@ def _write_chunk(fs: fsspec.AbstractFileSystem, root: str, info: dict[str, Any],
 
 def _embed_chunks(backbone: nn.Module, source: ManifestSource, meta: dict, info: dict[str, Any],
                   fs: fsspec.AbstractFileSystem, root: str, chunks: list[int], batch_size: int, device: torch.device,
-                  ) -> tuple[int, int]:
-    """Embeds and writes ``chunks``, reading ahead across chunk ends; returns (rows embedded, rows skipped)."""
+                  telemetry: Telemetry) -> tuple[int, int]:
+    """Embeds and writes ``chunks``, reading ahead across chunk ends; returns (rows embedded,
+    rows skipped) and reports the rows done to ``telemetry`` after each chunk."""
     rows: list[int] = []
     embeddings: list[np.ndarray] = []
     signatures: list[Signatures] = []
     skipped: Skipped = []
     embedded = dropped = 0
+    reasons: Counter[str] = Counter()
+    total = sum(len(chunk_rows_range(chunk, info["chunk_rows"], info["num_rows"])) for chunk in chunks)
     started = time.perf_counter()
     batches = _batches(chunks, info["chunk_rows"], info["num_rows"], batch_size)
     with ThreadPoolExecutor(PREFETCH_BATCHES, thread_name_prefix="embed-load") as pool:
@@ -270,6 +274,9 @@ def _embed_chunks(backbone: nn.Module, source: ManifestSource, meta: dict, info:
             if batch.last:
                 _write_chunk(fs, root, info, batch.chunk, rows, embeddings, signatures, skipped, time.perf_counter() - started)
                 embedded, dropped = embedded + len(rows), dropped + len(skipped)
+                reasons.update(reason for _, reason in skipped)
+                telemetry.progress(embedded + dropped, total)
+                telemetry.skipped(dict(reasons))
                 rows, embeddings, signatures, skipped = [], [], [], []
                 started = time.perf_counter()
     return embedded, dropped
@@ -288,14 +295,15 @@ def embed_manifest(
 ) -> dict[str, Any]:
     """Embeds this worker's chunks of the manifest (chunk ``c`` is worker ``c % world``'s)
     into ``out_uri/embeddings/`` and returns a summary. ``rank``/``world`` None: read from
-    ``RANK``/``WORLD_SIZE`` (as torchrun sets them), else 0 and 1. ``device`` None: CUDA when
+    ``RANK``/``WORLD_SIZE`` (as torchrun sets them), else 0 and 1. ``device`` None: GPU ``LOCAL_RANK`` when
     available, else CPU. Chunks already complete are skipped, so rerunning resumes; existing
     results computed with another manifest, weights or chunk_rows are an error. A chunk's bytes
     are the same whichever worker computes it, for the same batch_size, device type and software."""
     rank, world = _rank_world(rank, world)
     if chunk_rows < 1 or batch_size < 1:
         raise ValueError(f"chunk_rows and batch_size must be positive, got {chunk_rows}, {batch_size}")
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun each local rank drives its own GPU.
+    target = torch.device(device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     manifest = Manifest.read(manifest_uri)
     backbone, meta = load_backbone(weights_uri)
@@ -308,7 +316,12 @@ def embed_manifest(
     pending = _pending_chunks(fs, root, mine, info)
     log.info("embed rank %d/%d on %s: %d of its %d chunks to compute (%d chunks in all)", rank, world, target,
              len(pending), len(mine), info["num_chunks"])
-    embedded, skipped = _embed_chunks(backbone, ManifestSource(manifest), meta, info, fs, root, pending, batch_size, target)
+    telemetry = Telemetry("curate", rank=rank)
+    try:
+        embedded, skipped = _embed_chunks(backbone, ManifestSource(manifest), meta, info, fs, root, pending, batch_size,
+                                          target, telemetry)
+    finally:
+        telemetry.close()
     return {
         "out_uri": out_uri,
         "rank": rank,

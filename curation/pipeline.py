@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from dinoforge.curation.embed import embed_manifest
 from dinoforge.curation.report import write_report
+from dinoforge.curation import DEDUP_METHODS
 from dinoforge.curation.steps import cluster_step, dedup_step, kept_rows, read_dedup, retrieve_step, sample_step
 from dinoforge.data.storage import join
 
@@ -46,8 +47,8 @@ class CurateSettings:
     def __post_init__(self) -> None:
         if self.n is None and self.seeds is None:
             raise ValueError("nothing to output: give n (balanced sample) and/or seeds (retrieval)")
-        if self.dedup_method not in ("copy", "embedding", "none"):
-            raise ValueError(f"dedup_method must be 'copy', 'embedding' or 'none', got {self.dedup_method!r}")
+        if self.dedup_method not in DEDUP_METHODS + ("none",):
+            raise ValueError(f"dedup_method must be one of {DEDUP_METHODS + ('none',)}, got {self.dedup_method!r}")
 
 
 def auto_levels(points: int) -> list[int]:

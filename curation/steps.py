@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from dinoforge.curation import DEDUP_METHODS
 from dinoforge.curation.cluster import Hierarchy, Level, balanced_sample, cluster_entropy, hierarchical_kmeans
 from dinoforge.curation.dedup import COPY_EVAL_K, COPY_EVAL_THRESHOLD, COPY_K, COPY_THRESHOLD, MAX_HAMMING, PAPER_EVAL_THRESHOLD, PAPER_K, \
     PAPER_THRESHOLD, deduplicate
@@ -72,11 +73,12 @@ def dedup_step(out_uri: str, *, eval_uri: str | None = None, method: str = "copy
     """De-duplicates the pool embedded in ``out_uri`` (``dedup.deduplicate``) and removes copies
     of the evaluation images embedded in ``eval_uri`` (``curate embed`` of the evaluation
     manifest); writes ``OUT/dedup.json`` and returns its counts. ``method``: ``copy`` (the
-    hand-built copy matcher on the stored thumbnails; measured on planted copies) or
+    hand-built copy matcher on the stored thumbnails; measured on planted copies),
     ``embedding`` (the paper's k-NN graph on the stored embeddings: for a copy-detection
-    embedder)."""
-    if method not in ("copy", "embedding"):
-        raise ValueError(f"method must be 'copy' or 'embedding', got {method!r}")
+    embedder) or ``hash`` (the pHash steps alone: exact and near-exact copies, for when neither
+    fits, e.g. a stand-in embedder on a large pool)."""
+    if method not in DEDUP_METHODS:
+        raise ValueError(f"method must be one of {DEDUP_METHODS}, got {method!r}")
     info = embedding_info(out_uri)
     pool = checked_manifest(info)
     ids, signatures = load_signatures(out_uri)
@@ -89,16 +91,17 @@ def dedup_step(out_uri: str, *, eval_uri: str | None = None, method: str = "copy
             eval_emb = load_embeddings(eval_uri)[1].astype(np.float32)
         eval_manifest = checked_manifest(eval_info)
         eval_ids, evaluation = load_signatures(eval_uri)
-    if method == "embedding":
-        defaults = {"k": PAPER_K, "threshold": PAPER_THRESHOLD, "eval_threshold": PAPER_EVAL_THRESHOLD}
-    else:
-        defaults = {"k": COPY_K, "eval_k": COPY_EVAL_K, "threshold": COPY_THRESHOLD, "eval_threshold": COPY_EVAL_THRESHOLD}
+    defaults = {
+        "embedding": {"k": PAPER_K, "threshold": PAPER_THRESHOLD, "eval_threshold": PAPER_EVAL_THRESHOLD},
+        "copy": {"k": COPY_K, "eval_k": COPY_EVAL_K, "threshold": COPY_THRESHOLD, "eval_threshold": COPY_EVAL_THRESHOLD},
+        "hash": {},
+    }[method]
+    overrides = {"k": k, "threshold": threshold, "eval_threshold": eval_threshold} if method != "hash" else {}
     params = {"max_hamming": max_hamming, "index": index, **defaults,
-              **{key: value for key, value in {"k": k, "threshold": threshold, "eval_threshold": eval_threshold}.items()
-                 if value is not None}}
+              **{key: value for key, value in overrides.items() if value is not None}}
     result = deduplicate(signatures, evaluation, emb=emb, eval_emb=eval_emb,
-                         max_hamming=max_hamming, k=params["k"], threshold=params["threshold"],
-                         eval_threshold=params["eval_threshold"], index=index)
+                         max_hamming=max_hamming, k=params.get("k"), threshold=params.get("threshold"),
+                         eval_threshold=params.get("eval_threshold"), index=index, near=method != "hash")
     removed = [{"row": int(ids[r]), "step": "hash", "duplicate_of": int(ids[kept]), "similarity": None} for r, kept in result.hash]
     removed += [{"row": int(ids[r]), "step": "near", "duplicate_of": int(ids[kept]), "similarity": round(float(sim), 6)}
                 for r, kept, sim in result.near]

@@ -12,6 +12,7 @@ errors are retried with exponential backoff before failing with the checkpoint's
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -114,10 +115,33 @@ def _write_bytes(uri: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+def checkpoint_digest(uri: str) -> str:
+    """Identifies a committed checkpoint for lineage without rereading its tensors: SHA-256 of
+    DCP's ``.metadata`` (every tensor's shards, their files, offsets and lengths) followed by
+    the trainer state (step, data position, config)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    digest = hashlib.sha256()
+    for name in (".metadata", TRAINER_STATE):
+        digest.update(fs.cat_file(join(path, name)))
+    return "sha256:" + digest.hexdigest()
+
+
+def checkpoint_bytes(uri: str) -> int:
+    """Bytes under a checkpoint directory (all ranks' shards, trainer state, RNG files)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return int(fs.du(path))
+
+
 class Checkpointer:
-    def __init__(self, output: str, world: World, keep: int, async_save: bool = False) -> None:
+    """Saves/loads DCP checkpoints; ``observe(op, seconds, uri)`` (e.g. Prometheus telemetry)
+    hears about each committed save (seconds from the call to the commit, so an async save
+    counts its background write too) and each load."""
+
+    def __init__(self, output: str, world: World, keep: int, async_save: bool = False,
+                 observe: Callable[[str, float, str], None] | None = None) -> None:
         self.output, self.world, self.keep, self.async_save = output, world, keep, async_save
-        self._pending: tuple[Future, str, dict] | None = None
+        self.observe = observe or (lambda op, seconds, uri: None)
+        self._pending: tuple[Future, str, dict, float] | None = None
 
     def _state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
@@ -125,6 +149,7 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> str:
         """Saves (or starts saving, when async) the checkpoint of ``step``; all ranks call it."""
         self.wait()
+        started = time.perf_counter()
         uri = checkpoint_uri(self.output, step)
         buffer = io.BytesIO()
         torch.save(_rng_state(self.world.device), buffer)
@@ -133,22 +158,22 @@ class Checkpointer:
         state = self._state(model, optimizer)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=uri, no_dist=not self.world.distributed)
-            self._pending = (future, uri, trainer)
+            self._pending = (future, uri, trainer, started)
         else:
             with_retries(lambda: dcp.save(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"saving {uri}")
-            self._commit(uri, trainer)
+            self._commit(uri, trainer, started)
         return uri
 
     def wait(self) -> None:
         """Blocks until a background save has finished, then commits it."""
         if self._pending is None:
             return
-        future, uri, trainer = self._pending
+        future, uri, trainer, started = self._pending
         self._pending = None
         future.result()
-        self._commit(uri, trainer)
+        self._commit(uri, trainer, started)
 
-    def _commit(self, uri: str, trainer: dict[str, Any]) -> None:
+    def _commit(self, uri: str, trainer: dict[str, Any], started: float) -> None:
         # DCP's save returns on every rank after the coordinator has written the metadata, i.e.
         # after all ranks' shards are complete; the barrier also covers the per-rank RNG files.
         if self.world.distributed:
@@ -165,10 +190,12 @@ class Checkpointer:
         if self.world.distributed:
             dist.barrier()
         log.info("checkpoint committed: %s", uri)
+        self.observe("save", time.perf_counter() - started, uri)
 
     def load(self, uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Loads model and optimizer (resharded to this world size) and, when this rank saved
         one, its RNG state; returns the trainer state."""
+        started = time.perf_counter()
         state = self._state(model, optimizer)
         with_retries(lambda: dcp.load(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"loading {uri}")
         set_model_state_dict(model, state["model"])
@@ -181,6 +208,7 @@ class Checkpointer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.world.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.world.device)
+        self.observe("load", time.perf_counter() - started, uri)
         return trainer
 
 

@@ -7,12 +7,10 @@ import json
 import logging
 import os
 import sys
-import time
 
 import torch
 
-from dinoforge.checkpoint import resolve_checkpoint
-from dinoforge.data.storage import join
+from dinoforge.curation import DEDUP_METHODS
 from dinoforge.config import ConfigError, DataConfig, load_config, preset_names, to_dict
 from dinoforge.eval.features import labelled_images
 
@@ -41,10 +39,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dinoforge.export import export_backbone
+    from dinoforge.lineage import stage_lineage
+    from dinoforge.pipeline import export_stage
 
-    meta = export_backbone(resolve_checkpoint(args.checkpoint), args.out)
-    print(json.dumps({"weights": args.out, **meta}))
+    with stage_lineage("export", args.out.rsplit("/", 1)[0] if "/" in args.out else ".") as lineage:
+        print(json.dumps(export_stage(args.checkpoint, args.out, lineage, args.model_name)))
     return 0
 
 
@@ -75,7 +74,9 @@ def _suite_settings(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """One protocol (or the suite's chosen set) on exported weights, optionally next to the same
     architecture at random init; under torchrun, k-NN shards the train set across ranks."""
-    from dinoforge.eval.suite import parse_protocols, run_suite
+    from dinoforge.eval.suite import parse_protocols
+    from dinoforge.lineage import stage_lineage
+    from dinoforge.pipeline import evaluate_stage
     from dinoforge.export import build_from_meta, load_backbone
 
     try:
@@ -91,7 +92,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _suite_settings(args)
     if protocols == ("knn",) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _evaluate_knn_sharded(backbones, meta, settings)
-    summary = run_suite(backbones, meta, protocols, settings, args.out)
+    with stage_lineage("evaluate", args.out or ".") as lineage:
+        summary = evaluate_stage(args.weights, backbones, meta, protocols, settings, args.out, lineage)
     print(json.dumps({**summary, "weights": args.weights}))
     return 0
 
@@ -121,40 +123,31 @@ def _evaluate_knn_sharded(backbones: dict, meta: dict, settings) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """Pretrain -> export -> k-NN of the trained teacher and of the same network at random
-    init, both as initialised for training (LayerScale 1e-5: the CLS output is nearly
-    constant) and with LayerScale 1 (a random ViT whose blocks all contribute)."""
-    from dinoforge.export import build_from_meta, export_backbone, load_backbone
-    from dinoforge.train import pretrain
+    """curate -> pretrain -> export -> evaluate (``dinoforge.pipeline``); ``--local``: outputs
+    under ``runs/local`` unless ``--output`` says otherwise, MLflow in a local store there
+    unless ``MLFLOW_TRACKING_URI`` is set."""
+    from dinoforge.pipeline import PipelineSettings, print_summary, run_pipeline
 
-    cfg = load_config(args.preset, args.overrides)
-    started = time.perf_counter()
-    summary = pretrain(cfg, args.output, args.max_steps, progress=not args.no_progress)
-    train_seconds = time.perf_counter() - started
-    weights = join(args.output, "export", "teacher_backbone.pth")
-    export_backbone(resolve_checkpoint(args.output), weights)
-    trained, meta = load_backbone(weights)
-    torch.manual_seed(cfg.train.seed)
-    candidates = {
-        "trained": trained,
-        "random_init": build_from_meta(meta).eval(),
-        "random_init_layerscale1": build_from_meta({**meta, "layerscale_init": 1.0}).eval(),
-    }
-    train = labelled_images(meta, args.train, cfg.data, args.train_limit)  # prepared once for all three
-    test = labelled_images(meta, args.test, cfg.data, args.test_limit)
-    top1 = {}
-    for name, backbone in candidates.items():
-        result = knn_eval(backbone, train, test)
-        print(json.dumps({**result, "init": name}))
-        top1[name] = result["top1"]
-    print(json.dumps({
-        "pipeline": "pretrain+export+knn", "steps": summary["step"], "train_seconds": round(train_seconds, 1),
-        **{f"knn_top1_{name}": value for name, value in top1.items()},
-        "gain_points_vs_random_init": top1["trained"] - top1["random_init"],
-        "gain_points_vs_random_init_layerscale1": top1["trained"] - top1["random_init_layerscale1"],
-        "weights": weights,
-    }))
+    output = args.output or ("runs/local" if args.local else None)
+    if output is None:
+        print("dinoforge: pipeline needs --output URI (or --local for runs/local)", file=sys.stderr)
+        return 2
+    settings = PipelineSettings(
+        output=output, preset=args.preset, overrides=tuple(args.overrides), pool_size=args.pool_size, eval_size=args.eval_size,
+        curated_size=args.curated_size, curation_weights=args.curation_weights, dedup_method=args.dedup, max_steps=args.max_steps,
+        train_limit=args.train_limit, test_limit=args.test_limit, compare_random_init=args.compare_random_init,
+        data=DataConfig(fashion_mnist_root=args.fashion_mnist_root), progress=not args.no_progress,
+    )
+    print_summary(run_pipeline(settings))
     return 0
+
+
+def cmd_lineage_sync(args: argparse.Namespace) -> int:
+    from dinoforge.lineage import sync_journal
+
+    counts = sync_journal(args.journal, args.tracking_uri)
+    print(json.dumps({"journal": args.journal, **counts}))
+    return 0 if counts["pending"] == 0 else 1
 
 
 def parse_bytes(text: str) -> int:
@@ -195,7 +188,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
     if args.uri.startswith("fashion-mnist"):
         split = args.uri.partition(":")[2] or "train"
         report = import_fashion_mnist(args.fashion_mnist_root, split, args.shards or _default_shards(args.out),
-                                      args.shard_size, progress=not args.no_progress)
+                                      args.shard_size, progress=not args.no_progress, limit=args.limit)
     else:
         report = import_images(args.uri, source=args.source, labels_from_folders=not args.no_labels,
                                limits=decode_limits(DataConfig()), threads=args.threads, progress=not args.no_progress)
@@ -232,6 +225,7 @@ def _add_data_parsers(sub) -> None:
     imp.add_argument("--no-labels", action="store_true", help="do not label images by their first-level folder")
     imp.add_argument("--shards", default=None, help="fashion-mnist: shard prefix (default: OUT without .parquet + '-shards')")
     imp.add_argument("--fashion-mnist-root", default=DataConfig.fashion_mnist_root)
+    imp.add_argument("--limit", type=int, default=None, help="fashion-mnist: only the first N images")
     pack = commands.add_parser("pack", help="copy a manifest's images into tar shards (ranged reads keep random access)")
     pack.add_argument("manifest", help="input manifest URI")
     pack.add_argument("--out", required=True, help="packed manifest URI to write")
@@ -309,14 +303,18 @@ def cmd_curate_make_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_curate_run(args: argparse.Namespace) -> int:
-    from dinoforge.curation.pipeline import CurateSettings, run_curation
+    from dinoforge.curation.pipeline import CurateSettings
+    from dinoforge.lineage import stage_lineage
+    from dinoforge.pipeline import curate_stage
 
     settings = CurateSettings(args.manifest, args.weights, args.out, eval_manifest=args.eval_manifest, seeds=args.seeds,
                               dedup_method=args.dedup, levels=tuple(args.levels) if args.levels else None,
                               resampling_steps=args.resampling_steps, n=args.n, retrieve_method=args.method,
                               k=args.k, per_cluster=args.per_cluster, chunk_rows=args.chunk_rows,
                               batch_size=args.batch_size, device=args.device, seed=args.seed)
-    for summary in run_curation(settings):
+    with stage_lineage("curate", args.out) as lineage:
+        result = curate_stage(settings, lineage)
+    for summary in result["summaries"]:
         print(json.dumps(summary))
     return 0
 
@@ -351,7 +349,7 @@ def _add_curate_parsers(sub) -> None:
     dedup = steps.add_parser("dedup", help="remove copies (pHash, near-duplicates, evaluation copies) -> OUT/dedup.json")
     dedup.add_argument("out", help="the curation URI given to `curate embed --out`")
     dedup.add_argument("--eval", default=None, help="`curate embed --out` URI of the evaluation images to protect")
-    dedup.add_argument("--method", choices=("copy", "embedding"), default="copy",
+    dedup.add_argument("--method", choices=DEDUP_METHODS, default="copy",
                        help="copy: the hand-built copy matcher (default); embedding: the paper's k-NN graph on the embeddings")
     dedup.add_argument("--max-hamming", type=int, default=2, help="pHash bits within which images are copies")
     dedup.add_argument("--k", type=int, default=None, help="neighbours per image (default: 4 copy, 64 embedding)")
@@ -385,7 +383,7 @@ def _add_curate_parsers(sub) -> None:
     run.add_argument("--out", required=True, help="curation URI (any fsspec URI)")
     run.add_argument("--eval-manifest", default=None, help="evaluation images whose copies are removed from the pool")
     run.add_argument("--seeds", default=None, help="seed manifest: retrieve its neighbours -> OUT/retrieved.parquet")
-    run.add_argument("--dedup", choices=("copy", "embedding", "none"), default="copy")
+    run.add_argument("--dedup", choices=DEDUP_METHODS + ("none",), default="copy")
     run.add_argument("--levels", type=int, nargs="+", default=None, help="clusters per level, bottom first (default: N/20, sqrt)")
     run.add_argument("--resampling-steps", type=int, default=10)
     run.add_argument("--n", type=int, default=None, help="balanced sample size -> OUT/curated.parquet")
@@ -452,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the teacher backbone in the official DINOv2 key format (+ OUT.json)")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (its newest committed checkpoint)")
     p.add_argument("out", help="output weights URI, e.g. teacher.pth")
+    p.add_argument("--model-name", default=None, help="model registry name (default: dinoforge-<arch>)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate frozen features (one JSON line per result)")
@@ -472,13 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
     _add_curate_parsers(sub)
 
-    p = sub.add_parser("pipeline", help="pretrain, export and k-NN-evaluate (trained vs random init) in one go")
+    p = sub.add_parser("pipeline", help="curate -> pretrain -> export -> evaluate, with MLflow lineage and a summary")
     _add_config_args(p)
-    p.add_argument("--output", required=True, help="run directory URI")
+    p.add_argument("--local", action="store_true", help="run here with local defaults: outputs in runs/local, local MLflow store")
+    p.add_argument("--output", default=None, help="output prefix URI (local path, file://, s3://, gs://)")
+    p.add_argument("--pool-size", type=int, default=20_000, help="uncurated pool: the first N Fashion-MNIST training images")
+    p.add_argument("--dedup", choices=DEDUP_METHODS + ("none",), default="none", help="curation de-duplication (default: none, see README)")
+    p.add_argument("--eval-size", type=int, default=None, help="with --dedup: evaluation images whose copies are removed, the first N test images (default: all)")
+    p.add_argument("--curated-size", type=int, default=12_000, help="images in the balanced curated sample")
+    p.add_argument("--curation-weights", default=None, help="embedder for curation (default: the preset's architecture at random init)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    _add_knn_data_args(p)
+    p.add_argument("--fashion-mnist-root", default=DataConfig.fashion_mnist_root)
+    p.add_argument("--train-limit", type=int, default=None, help="k-NN: only the first N Fashion-MNIST training images")
+    p.add_argument("--test-limit", type=int, default=None, help="k-NN: only the first N Fashion-MNIST test images")
+    p.add_argument("--compare-random-init", action="store_true", help="also evaluate the same network at random init (LayerScale 1)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("lineage", help="MLflow lineage journals")
+    commands = p.add_subparsers(dest="lineage_command", required=True)
+    sync = commands.add_parser("sync", help="push a journal's pending events to MLflow (idempotent); exit 1 while some stay pending")
+    sync.add_argument("journal", help="journal directory URI, e.g. runs/local/lineage")
+    sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the file store beside the journal")
+    sync.set_defaults(func=cmd_lineage_sync)
     return parser
 
 

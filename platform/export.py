@@ -116,13 +116,27 @@ def export_backbone(checkpoint_uri: str, weights_uri: str) -> dict:
     meta = {**backbone_meta(cfg), "step": trainer["step"], "checkpoint": checkpoint_uri, "exported": prefix}
     backbone = build_from_meta(meta)
     _load_from_checkpoint(checkpoint_uri, {prefix: backbone})
+    _write(backbone, meta, weights_uri)
+    return meta
+
+
+def export_random(cfg: Config, weights_uri: str, seed: int, layerscale_init: float = 1.0) -> dict:
+    """Writes a freshly initialised backbone of ``cfg``'s architecture in the export format:
+    a stand-in embedder for curating before any model is trained. LayerScale 1 (not the
+    training init of 1e-5) so that every block shapes the features."""
+    meta = {**backbone_meta(cfg), "layerscale_init": layerscale_init, "step": 0, "exported": f"random_init(seed={seed})"}
+    torch.manual_seed(seed)
+    _write(build_from_meta(meta), meta, weights_uri)
+    return meta
+
+
+def _write(backbone: DinoVisionTransformer, meta: dict, weights_uri: str) -> None:
     buffer = io.BytesIO()
     torch.save(backbone.state_dict(), buffer)
     with fsspec.open(weights_uri, "wb") as handle:
         handle.write(buffer.getvalue())
     with fsspec.open(meta_uri(weights_uri), "w") as handle:
         json.dump(meta, handle, indent=2)
-    return meta
 
 
 def build_from_meta(meta: dict) -> DinoVisionTransformer:

@@ -15,12 +15,15 @@ import torch.distributed as dist
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dinoforge.checkpoint import Checkpointer, latest_checkpoint, load_model_weights, resolve_checkpoint
+from dinoforge.checkpoint import (Checkpointer, checkpoint_bytes, checkpoint_digest, latest_checkpoint, load_model_weights,
+                                  resolve_checkpoint)
 from dinoforge.config import Config, to_dict
 from dinoforge.data import open_source
 from dinoforge.data.storage import join
 from dinoforge.data.stream import MASK_STREAM, RANK_STREAM, SkipLedger, multicrop_loader, sample_seed
 from dinoforge.distributed import PRECISIONS, World, close_world, init_world, shard_model
+from dinoforge.lineage import Lineage, digest_uri, stage_lineage
+from dinoforge.telemetry import Telemetry
 from dinoforge.model.augment import MultiCropAugmentation
 from dinoforge.model.masking import sample_masks
 from dinoforge.model.optim import apply_schedules, param_groups
@@ -177,7 +180,35 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
             close_world()
 
 
+def _record_inputs(lineage: Lineage, cfg: Config, dataset_digest: str) -> None:
+    lineage.params(to_dict(cfg))
+    kind, _, uri = cfg.data.dataset.partition(":")
+    manifest = kind == "manifest"
+    lineage.input(uri if manifest else cfg.data.dataset, dataset_digest, name="train_data", kind="manifest" if manifest else "dataset")
+    if cfg.distill.teacher:
+        lineage.input(cfg.distill.teacher, digest_uri(cfg.distill.teacher), name="teacher", kind="weights")
+    if cfg.train.init_from:
+        init = resolve_checkpoint(cfg.train.init_from)
+        lineage.input(init, checkpoint_digest(init), name="init_from", kind="checkpoint")
+
+
 def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, world: World) -> dict:
+    stage = "distill" if cfg.distill.teacher else "pretrain"
+    telemetry = Telemetry(stage, rank=world.rank)
+    lineage = stage_lineage(stage, output, enabled=world.is_main)
+    try:
+        with lineage:
+            summary = _train(cfg, output, max_steps, progress, world, telemetry, lineage)
+            if summary["last_checkpoint_uri"]:
+                uri = summary["last_checkpoint_uri"]
+                lineage.output(uri, checkpoint_digest(uri), name="checkpoint", kind="checkpoint")
+        return summary
+    finally:
+        telemetry.close()
+
+
+def _train(cfg: Config, output: str, max_steps: int | None, progress: bool, world: World, telemetry: Telemetry,
+           lineage: Lineage) -> dict:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     device, batch_size = world.device, cfg.train.batch_size_per_gpu
     model = build_meta_arch(cfg).to(device)
@@ -189,10 +220,12 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
     )
     global_batch = batch_size * world.world_size
     schedules = Schedules.from_config(cfg, global_batch)
-    checkpointer = Checkpointer(output, world, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    checkpointer = Checkpointer(output, world, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
+                                lambda op, seconds, uri: telemetry.checkpoint(op, seconds, checkpoint_bytes(uri)))
 
     source = open_source(cfg.data.dataset, cfg.data)
     dataset_digest = source.manifest.digest if hasattr(source, "manifest") else cfg.data.dataset
+    _record_inputs(lineage, cfg, dataset_digest)
     start_step, start_position, skips = 0, 0, SkipLedger()
     # Stochastic depth differs per rank; a resume at the same world size restores these streams.
     torch.manual_seed(sample_seed(cfg.train.seed, world.rank, RANK_STREAM))
@@ -212,6 +245,7 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
                         trainer["world_size"], world.world_size, trainer["world_size"] * batch_size, global_batch)
             torch.manual_seed(sample_seed(cfg.train.seed + start_step, world.rank, RANK_STREAM))
         log.info("resumed from %s at step %d", resumed_from, start_step)
+        lineage.input(resumed_from, checkpoint_digest(resumed_from), name="resumed_from", kind="checkpoint")
     elif cfg.train.init_from:
         source_uri = resolve_checkpoint(cfg.train.init_from)
         load_model_weights(source_uri, model)
@@ -232,14 +266,16 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
     n_global_images = 2 * batch_size
     # FSDP casts the sharded parameters itself; a single process uses autocast instead.
     autocast_dtype = PRECISIONS[cfg.train.precision] if world.world_size == 1 else None
-    last_saved, record, pending_skips = start_step, {}, []
+    last_saved, last_uri, record, pending_skips = start_step, resumed_from, {}, []
     columns = [TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("steps", total=end_step, completed=start_step, status="")
         batches = iter(loader)
         tick, window_start = time.perf_counter(), start_step
         for step in range(start_step, end_step):
+            step_started = time.perf_counter()
             batch = next(batches)
+            data_seconds = time.perf_counter() - step_started
             pending_skips += batch.pop("skipped")
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             mask_seed = sample_seed(sample_seed(cfg.train.seed, step, MASK_STREAM), world.rank, MASK_STREAM)
@@ -258,6 +294,7 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
             }
             apply_schedules(optimizer, values["lr"], schedules.last_layer_lr(step), values["wd"])
             losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad, autocast_dtype)
+            telemetry.train_step(batch_size, time.perf_counter() - step_started, data_seconds)
             done = step + 1
             log_now = done % cfg.train.log_period == 0 or done == end_step
             save_now = done % cfg.train.checkpoint_period == 0 or done == end_step
@@ -274,6 +311,9 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
                     "skipped_images": skips.by_reason(), "skip_events": skips.events, "world_size": world.world_size,
                 }
                 metrics.write(record)
+                telemetry.train_values(record)
+                telemetry.skipped(record["skipped_images"])
+                lineage.metrics({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=done)
                 bar.update(task, status=f"loss {losses['loss']:.3f} {record['images_per_s']:.0f} img/s")
                 tick, window_start = time.perf_counter(), done
             bar.update(task, completed=done)
@@ -286,8 +326,9 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
                              "skipped": skips.state_dict()},
                     "config": to_dict(cfg),
                 }
-                checkpointer.save(done, model, optimizer, trainer)
+                last_uri = checkpointer.save(done, model, optimizer, trainer)
                 last_saved = done
         checkpointer.wait()
     return {"step": end_step, "start_step": start_step, "resumed_from": resumed_from, "last_checkpoint_step": last_saved,
+            "last_checkpoint_uri": last_uri,
             "last_metrics": record, "skipped_images": skips.by_reason(), "world_size": world.world_size, "rank": world.rank}

@@ -4,7 +4,6 @@ k-NN sharded across torchrun ranks, and (slow) a trained checkpoint against its 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -112,8 +111,7 @@ def test_knn_sharded_across_torchrun_ranks_equals_one_process(weights, nproc, ca
 def test_trained_checkpoint_beats_random_init_on_every_protocol(smoke_run, tmp_path, capsys):
     """Issue acceptance on the smoke checkpoint (README's main job): every protocol against
     the same architecture at its training init; 10k/2k Fashion-MNIST for the classifiers."""
-    output, _ = smoke_run
-    weights = str(Path(output) / "export" / "teacher_backbone.pth")
+    weights = smoke_run[1]["weights"]
     assert main(["evaluate", "suite", "--weights", weights, "--protocols", "all", "--compare-random-init",
                  "--train-limit", "10000", "--test-limit", "2000", "--out", str(tmp_path)]) == 0
     summary = json_lines(capsys.readouterr().out)[-1]

@@ -90,8 +90,7 @@ def test_distillation_from_exported_weights_uses_seeded_frozen_heads(teacher_run
 def test_distilled_student_beats_the_student_trained_alone(smoke_run, tmp_path):
     """Issue 4's acceptance: the README main job's teacher (ViT-nano/4) distilled into
     ViT-pico/4 beats ViT-pico/4 trained alone for the same 160 steps (k-NN top-1, both printed)."""
-    output, _ = smoke_run
-    command = [sys.executable, str(DISTILLATION), "--teacher", str(output / "export" / "teacher_backbone.pth"),
+    command = [sys.executable, str(DISTILLATION), "--teacher", smoke_run[1]["weights"],
                "--out", str(tmp_path), "--check"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3000)
     numbers = json.loads(result.stdout.strip().splitlines()[-1])

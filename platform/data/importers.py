@@ -221,16 +221,18 @@ def _png(image: Any) -> bytes:
 
 
 def import_fashion_mnist(
-    root: str, split: str, shards_prefix: str, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False
+    root: str, split: str, shards_prefix: str, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+    limit: int | None = None,
 ) -> ImportReport:
-    """Fashion-MNIST as PNGs in tar shards (the idx files hold no per-image files), with
-    uris ``fashion-mnist:<split>/<index>`` as identities."""
+    """Fashion-MNIST (its first ``limit`` images) as PNGs in tar shards (the idx files hold no
+    per-image files), with uris ``fashion-mnist:<split>/<index>`` as identities."""
     dataset = FashionMNIST(root, split)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
     writer = ShardWriter(shards_prefix, shard_bytes)
     rows = []
     with _progress("import", progress) as bar:
-        task = bar.add_task("images", total=len(dataset))
-        for index in range(len(dataset)):
+        task = bar.add_task("images", total=count)
+        for index in range(count):
             data = _png(dataset.images[index].numpy())
             label = int(dataset.labels[index])
             shard, offset = writer.add(f"{index:09d}", "png", data, label)
@@ -250,7 +252,7 @@ def import_fashion_mnist(
             bar.advance(task)
     writer.close()
     metadata = {
-        "creator": creator_info(f"data import fashion-mnist:{split}"),
+        "creator": creator_info(f"data import fashion-mnist:{split}" + (f" --limit {limit}" if limit is not None else "")),
         "parents": [],
         "classes": list(FashionMNIST.CLASSES),
         "shards": writer.shards,
