@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import posixpath
 import sys
 
 import torch
@@ -42,7 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dinoforge.lineage import stage_lineage
     from dinoforge.pipeline import export_stage
 
-    with stage_lineage("export", args.out.rsplit("/", 1)[0] if "/" in args.out else ".") as lineage:
+    with stage_lineage("export", posixpath.dirname(args.out) or ".") as lineage:
         print(json.dumps(export_stage(args.checkpoint, args.out, lineage, args.model_name)))
     return 0
 
@@ -92,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _suite_settings(args)
     if protocols == ("knn",) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _evaluate_knn_sharded(backbones, meta, settings)
-    with stage_lineage("evaluate", args.out or ".") as lineage:
+    with stage_lineage("evaluate", args.out) as lineage:
         summary = evaluate_stage(args.weights, backbones, meta, protocols, settings, args.out, lineage)
     print(json.dumps({**summary, "weights": args.weights}))
     return 0

@@ -634,10 +634,15 @@ class Lineage:
             self.end("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
 
 
-def stage_lineage(stage: str, output: str, **kwargs: Any) -> Lineage:
+def stage_lineage(stage: str, output: str | None, **kwargs: Any) -> Lineage:
     """The lineage of a stage writing under ``output``: its journal is ``DINOFORGE_LINEAGE_DIR``
-    (a pipeline's, shared by its stages) or else ``<output>/lineage``; ``kwargs`` go to ``Lineage``."""
-    return Lineage(os.environ.get("DINOFORGE_LINEAGE_DIR") or _join(output, "lineage"), stage, **kwargs)
+    (a pipeline's, shared by its stages) or else ``<output>/lineage``; ``kwargs`` go to ``Lineage``.
+    ``output`` None (a stage that writes nothing, e.g. ``evaluate`` without ``--out``): recorded
+    only inside a pipeline, so no journal or file store lands in the working directory."""
+    journal = os.environ.get("DINOFORGE_LINEAGE_DIR") or (output and _join(output, "lineage"))
+    if not journal:
+        return Lineage("lineage", stage, **{**kwargs, "enabled": False})
+    return Lineage(journal, stage, **kwargs)
 
 
 # ----------------------------------------------------------------------------- journal-wide

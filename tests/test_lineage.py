@@ -267,7 +267,11 @@ def test_stage_lineage_uses_the_pipeline_journal_and_parent(tmp_path, monkeypatc
     down = f"http://127.0.0.1:{free_port()}"
     alone = stage_lineage("evaluate", str(tmp_path / "eval"), tracking_uri=down)
     assert list(read_journal(str(tmp_path / "eval" / "lineage"))) == [alone.key]
+    monkeypatch.chdir(tmp_path)
+    assert not stage_lineage("evaluate", None, tracking_uri=down).enabled  # writes nothing: no lineage
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
     monkeypatch.setenv("DINOFORGE_LINEAGE_DIR", str(tmp_path / "pipeline"))
+    assert stage_lineage("evaluate", None, tracking_uri=down).enabled  # inside a pipeline: its journal
     monkeypatch.setenv("DINOFORGE_LINEAGE_PARENT", "feedface")
     staged = stage_lineage("curate", str(tmp_path / "curate"), tracking_uri=down)
     [start] = read_journal(str(tmp_path / "pipeline"))[staged.key]
