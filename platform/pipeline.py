@@ -73,17 +73,16 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def import_split(split: str, uri: str, settings: PipelineSettings, limit: int | None) -> Manifest:
-    """Fashion-MNIST ``split`` as a manifest at ``uri`` (reused when already there)."""
+def import_split(split: str, uri: str, settings: PipelineSettings, limit: int | None) -> None:
+    """Fashion-MNIST ``split`` as a manifest at ``uri`` (kept when already there: curation
+    reads and verifies it next)."""
     from dinoforge.data.importers import import_fashion_mnist
 
     fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        return Manifest.read(uri)
-    report = import_fashion_mnist(settings.data.fashion_mnist_root, split, uri.removesuffix(".parquet") + "-shards",
-                                  progress=settings.progress, limit=limit)
-    report.manifest.write(uri)
-    return report.manifest
+    if not fs.exists(path):
+        report = import_fashion_mnist(settings.data.fashion_mnist_root, split, uri.removesuffix(".parquet") + "-shards",
+                                      progress=settings.progress, limit=limit)
+        report.manifest.write(uri)
 
 
 def curate_stage(curate, lineage: Lineage) -> dict[str, Any]:
@@ -103,13 +102,15 @@ def curate_stage(curate, lineage: Lineage) -> dict[str, Any]:
     dedup = read_dedup(curate.out)
     if dedup is not None:
         lineage.metrics({f"dedup_{k}": v for k, v in dedup["counts"].items()})
+    images = {}
     for uri in summaries[-1]["outputs"]:
         name = uri.rsplit("/", 1)[-1].removesuffix(".parquet")
         manifest = Manifest.read(uri)
+        images[uri] = len(manifest)
         lineage.output(uri, manifest.digest, name=name, kind="manifest")
-        lineage.metrics({f"{name}_images": len(manifest)})
+        lineage.metrics({f"{name}_images": images[uri]})
     lineage.artifact(join(curate.out, "report"), "report")
-    return {"summaries": summaries, "outputs": summaries[-1]["outputs"]}
+    return {"summaries": summaries, "outputs": summaries[-1]["outputs"], "images": images}
 
 
 def export_stage(checkpoint: str, weights: str, lineage: Lineage, model_name: str | None = None) -> dict[str, Any]:
@@ -230,7 +231,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     return {
         "pipeline": "curate+pretrain+export+evaluate",
         "steps": summary["step"],
-        "curated_images": len(Manifest.read(curated_uri)),
+        "curated_images": curated["images"][curated_uri],
         "train_seconds": round(seconds["pretrain"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
         **{f"knn_top1_{name}": values["knn"] for name, values in headline.items() if "knn" in values},
