@@ -19,20 +19,9 @@ import time
 
 import torch
 
+from dinoforge.bench import synthetic_batches
 from dinoforge.config import load_config
-from dinoforge.model.masking import sample_masks
 from dinoforge.train import build_meta_arch, train_step
-
-
-def synthetic_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    G, L, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    crops = {"global_crops": torch.randn(2 * batch, 3, G, G, generator=g)}
-    if n_local:
-        crops["local_crops"] = torch.randn(n_local * batch, 3, L, L, generator=g)
-    grid = G // cfg.model.patch_size
-    masks = sample_masks(2 * batch, (grid, grid), g, cfg.objective.mask_probability, cfg.objective.mask_ratio_min_max)
-    return {k: v.to(device) for k, v in crops.items()}, masks.to(device)
 
 
 @contextlib.contextmanager
@@ -82,7 +71,8 @@ def main() -> None:
     cfg = load_config(args.preset, args.overrides)
     device = torch.device(args.device)
     batch_size = args.batch or cfg.train.batch_size_per_gpu
-    batch, masks = synthetic_batch(cfg, batch_size, device)
+    first = synthetic_batches(cfg, batch_size, device, count=1)[0]
+    batch, masks = first.crops, first.masks
     autocast_dtype = None if args.autocast == "none" else getattr(torch, args.autocast)
     torch.manual_seed(0)
     model = build_meta_arch(cfg).to(device).train()

@@ -60,6 +60,8 @@ class DistillMetaArch(nn.Module):
         the student heads are new heads from ``cfg`` whose prototype counts must equal the teacher
         heads'. The teacher modules are frozen in place; the spare EMA starts as the student."""
         super().__init__()
+        self.fused_loss = False  # set by the trainer (train.fused_loss)
+        self.compile_losses = False  # set by the trainer (train.compile)
         rates = [block.drop_path_rate for block in student_backbone.blocks]
         if any(rate != 0.0 for rate in rates):
             raise ValueError(f"distillation uses no stochastic depth, but the student's blocks have drop_path_rate {rates}")
@@ -123,14 +125,12 @@ class DistillMetaArch(nn.Module):
 
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])
         outputs = self.student["backbone"].forward_features(crops)
-        global_cls = outputs[0]["x_norm_clstoken"]
         global_patches = outputs[0]["x_norm_patchtokens"]  # (2B, P, D)
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outputs])
-        student_logits = self.student["dino_head"](cls_tokens)
-        student_patch_logits = self.student["ibot_head"](global_patches.flatten(0, 1))
         all_patches = torch.ones(global_patches.shape[:2], dtype=torch.bool, device=global_patches.device)
-
-        return objective(self.cfg, student_logits, dino_targets, student_patch_logits, ibot_targets, all_patches, global_cls)
+        heads = (self.student["dino_head"], self.student["ibot_head"])
+        return objective(self.cfg, heads, cls_tokens, dino_targets, global_patches.flatten(0, 1), ibot_targets, all_patches,
+                         outputs[0]["x_norm_clstoken"], fused=self.fused_loss, compile=self.compile_losses)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -21,9 +21,12 @@ class WeightNormLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, which the official head keeps
         nn.init.uniform_(self.weight_v, -bound, bound)
 
+    def prototypes(self) -> Tensor:
+        """The (out_dim, in_dim) weight g * V / ||V||."""
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, self.prototypes().to(x.dtype))
 
 
 class DINOHead(nn.Module):
@@ -47,8 +50,11 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(layer.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The L2-normalised bottleneck: what the prototype layer scores."""
         x = self.mlp(x)
         # fp16 cannot represent the default eps of 1e-12 (official head uses 1e-6 there)
-        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(self.features(x))

@@ -131,8 +131,11 @@ class Block(nn.Module):
         if self.training and self.drop_path_rate > 0.0:
             for branch in (self._attn_residual, self._ffn_residual):
                 rows, scale, kept_shapes = _kept_rows(shapes, self.drop_path_rate, x.device)
-                residual = (branch(x[rows], kept_shapes) * scale).to(x.dtype)  # autocast may change dtypes
-                x = x.index_add(0, rows, residual)
+                kept = x[rows]
+                residual = (branch(kept, kept_shapes) * scale).to(x.dtype)  # autocast may change dtypes
+                # The rows are distinct, so a copy does what index_add would without its atomic
+                # adds (bf16 index_add: ~6% of a ViT-S/14 step on an H200, benchmarks/records/).
+                x = x.index_copy(0, rows, kept + residual)
             return x
         x = x + self._attn_residual(x, shapes)
         return x + self._ffn_residual(x, shapes)

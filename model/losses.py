@@ -34,32 +34,36 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, n_iterations: int
     Prototype sums, total mass and B_total are all-reduced, so N ranks holding disjoint slices of
     a batch (of any sizes, including empty) give exactly the single-process result on the batch.
     """
-    scaled = teacher_logits.float() / temperature
-    # Subtracting the global max cancels in the first normalisation but keeps exp() <= 1;
-    # the official code skips it and overflows fp32 once logits/temperature > 88. (Underflow remains:
-    # a sample whose logits all sit more than ~87 * temperature below the global max gets a zero row.)
-    local_max = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
-    global_max = _all_reduce(local_max.reshape(1), dist.ReduceOp.MAX)
-    q = torch.exp(scaled - global_max)
+    with torch.autocast(teacher_logits.device.type, enabled=False):  # the matrix-vector products stay fp32
+        scaled = teacher_logits.float() / temperature
+        # Subtracting the global max cancels in the first normalisation but keeps exp() <= 1;
+        # the official code skips it and overflows fp32 once logits/temperature > 88. (Underflow remains:
+        # a sample whose logits all sit more than ~87 * temperature below the global max gets a zero row.)
+        local_max = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
+        global_max = _all_reduce(local_max.reshape(1), dist.ReduceOp.MAX)
+        q = torch.exp(scaled - global_max)
+        del scaled
 
-    n_samples, n_prototypes = q.shape
-    # One collective for both scalars: total mass and B_total (ranks may hold different B).
-    mass_and_count = _all_reduce(torch.stack([q.sum(), q.new_tensor(float(n_samples))]))
-    total_mass, b_total = mass_and_count[0], mass_and_count[1]
-    # SwAV's transport polytope: total mass 1, prototype mass 1/K, sample mass 1/B_total. The
-    # scalar factors cancel in the following normalisation, so they only fix intermediate scales.
-    q /= total_mass
+        n_samples, n_prototypes = q.shape
+        # One collective for both scalars: total mass and B_total (ranks may hold different B).
+        mass_and_count = _all_reduce(torch.stack([q.sum(), q.new_tensor(float(n_samples))]))
+        total_mass, b_total = mass_and_count[0], mass_and_count[1]
+        # The iterate is q_ij * sample_scale_i * prototype_scale_j, so only the two scale vectors
+        # change: each half-step is one matrix-vector product (one read of q) instead of a sum
+        # and a division over the whole (B, K) matrix. The start (total mass 1, SwAV's transport
+        # polytope) only fixes the intermediate scales; it cancels in the normalisations.
+        sample_scale = q.new_full((n_samples, 1), 1.0) / total_mass
+        prototype_scale = q.new_ones((1, n_prototypes))
+        for _ in range(n_iterations):
+            # Each prototype (column here) gets total weight 1/K, summed over all ranks' samples.
+            prototype_sums = _all_reduce((sample_scale.t() @ q) * prototype_scale)
+            prototype_scale = prototype_scale / (prototype_sums * n_prototypes)
+            # Each sample gets total weight 1/B_total; samples are rank-local, so no reduction.
+            sample_sums = (q @ prototype_scale.t()) * sample_scale
+            sample_scale = sample_scale / (sample_sums * b_total)
 
-    for _ in range(n_iterations):
-        # Each prototype (column here) gets total weight 1/K, summed over all ranks' samples.
-        prototype_sums = _all_reduce(q.sum(dim=0, keepdim=True))
-        q /= prototype_sums
-        q /= n_prototypes
-        # Each sample gets total weight 1/B_total; samples are rank-local, so no reduction.
-        q /= q.sum(dim=1, keepdim=True)
-        q /= b_total
-
-    return q * b_total  # rows sum to 1: a soft assignment per sample
+        # rows sum to 1: a soft assignment per sample
+        return q.mul_(sample_scale * b_total).mul_(prototype_scale)
 
 
 class SoftmaxCentering(nn.Module):
@@ -89,6 +93,19 @@ class SoftmaxCentering(nn.Module):
         self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
 
 
+def _dino_pairs(n_student: int, batch: int, n_prototypes: int, teacher_probs: Tensor) -> int:
+    n_teacher = teacher_probs.shape[0]
+    if teacher_probs.shape != (n_teacher, batch, n_prototypes) or n_teacher > n_student:
+        raise ValueError(
+            f"teacher_probs {tuple(teacher_probs.shape)} must be (T, B, K) with T <= S for "
+            f"{n_student} student crops of batch {batch} and {n_prototypes} prototypes"
+        )
+    n_pairs = n_teacher * n_student - n_teacher
+    if n_pairs == 0:
+        raise ValueError("dino_loss needs at least one (teacher, student) pair with different crops")
+    return n_pairs
+
+
 def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temperature: float = 0.1) -> Tensor:
     """Image-level DINO loss (DINOv2 §3) over all (teacher crop t, student crop s) pairs with s != t.
 
@@ -98,20 +115,27 @@ def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temperature
     """
     n_student, batch, n_prototypes = student_logits.shape
     n_teacher = teacher_probs.shape[0]
-    if teacher_probs.shape != (n_teacher, batch, n_prototypes) or n_teacher > n_student:
-        raise ValueError(
-            f"teacher_probs {tuple(teacher_probs.shape)} must be (T, B, K) with T <= S for "
-            f"student_logits {tuple(student_logits.shape)}"
-        )
-    n_pairs = n_teacher * n_student - n_teacher
-    if n_pairs == 0:
-        raise ValueError("dino_loss needs at least one (teacher, student) pair with different crops")
-
+    n_pairs = _dino_pairs(n_student, batch, n_prototypes, teacher_probs)
     student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
-    # cross_entropy[t, s] = -(1/B) sum_{b,k} p[t,b,k] log q[s,b,k]
-    cross_entropy = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), student_log_probs) / batch
+    # cross_entropy[t, s] = -(1/B) sum_{b,k} p[t,b,k] log q[s,b,k]. Autocast would run this
+    # contraction over K in bf16/fp16 (einsum is a matmul), so it is kept out of autocast.
+    with torch.autocast(student_logits.device.type, enabled=False):
+        cross_entropy = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), student_log_probs) / batch
     same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=cross_entropy.device)
     return cross_entropy.masked_fill(same_view, 0.0).sum() / n_pairs
+
+
+def _ibot_token_weights(n_rows: int, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+    """(M,) weight of each masked patch: 1 / (its image's masked count * N_img)."""
+    masks = masks.bool()
+    n_masked = int(masks.sum())
+    if n_rows != n_masked or teacher_probs.shape[0] != n_masked:
+        raise ValueError(
+            f"{n_rows} student rows and teacher_probs {tuple(teacher_probs.shape)} must both have "
+            f"M = {n_masked} masked patches"
+        )
+    per_image_weight = 1.0 / masks.sum(dim=-1).clamp(min=1).to(torch.promote_types(teacher_probs.dtype, torch.float32))
+    return per_image_weight[:, None].expand_as(masks)[masks] / masks.shape[0]  # row-major mask order
 
 
 def ibot_loss(
@@ -123,19 +147,93 @@ def ibot_loss(
     order, masks (N_img, P) bool. Each image's masked patches share weight 1 (so heavily masked
     images do not dominate), and the sum is divided by N_img, counting unmasked images too.
     """
-    masks = masks.bool()
-    n_masked = int(masks.sum())
-    if student_logits.shape[0] != n_masked or teacher_probs.shape != student_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_probs {tuple(teacher_probs.shape)} "
-            f"must both be (M, K) with M = {n_masked} masked patches"
-        )
-    per_image_weight = 1.0 / masks.sum(dim=-1).clamp(min=1).float()
-    token_weight = per_image_weight[:, None].expand_as(masks)[masks]  # (M,), row-major mask order
-
+    if teacher_probs.shape != student_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_probs {tuple(teacher_probs.shape)} differ")
+    token_weight = _ibot_token_weights(student_logits.shape[0], teacher_probs, masks)
     student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     cross_entropy = -(teacher_probs.float() * student_log_probs).sum(dim=-1)  # (M,)
-    return (cross_entropy * token_weight).sum() / masks.shape[0]
+    return (cross_entropy * token_weight).sum()
+
+
+# Logits per chunk in the fused loss: 256 MiB in fp32 (1,024 rows of 65,536 prototypes).
+_CHUNK_ELEMENTS = 2**26
+
+
+class _PrototypeCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(targets_i, softmax(features_i @ prototypes^T / τ)) in row chunks: the
+    (M, K) logits exist one chunk at a time and are recomputed in backward (one more
+    (M, d) x (d, K) matmul) instead of being stored with their fp32 log-softmax."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, prototypes: Tensor, targets: Tensor, weights: Tensor, temperature: float) -> Tensor:
+        ctx.save_for_backward(features, prototypes, targets, weights)
+        ctx.temperature = temperature
+        total = weights.new_zeros(())
+        for rows in _chunks(features.shape[0], prototypes.shape[0]):
+            logits = (features[rows] @ prototypes.t()).to(weights.dtype) / temperature
+            target = targets[rows].to(weights.dtype)
+            per_row = torch.logsumexp(logits, dim=-1) * target.sum(dim=-1) - (target * logits).sum(dim=-1)
+            total += (per_row * weights[rows]).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        features, prototypes, targets, weights = ctx.saved_tensors
+        grad_features = torch.empty_like(features)
+        grad_prototypes = torch.zeros(prototypes.shape, dtype=weights.dtype, device=prototypes.device)
+        for rows in _chunks(features.shape[0], prototypes.shape[0]):
+            logits = (features[rows] @ prototypes.t()).to(weights.dtype) / ctx.temperature
+            target = targets[rows].to(weights.dtype)
+            # d/dlogits of lse * sum(t) - t . logits = softmax * sum(t) - t, then the 1/τ and w_i.
+            grad_logits = torch.softmax(logits, dim=-1) * target.sum(dim=-1, keepdim=True) - target
+            grad_logits *= (grad_total * weights[rows] / ctx.temperature)[:, None]
+            grad_logits = grad_logits.to(features.dtype)
+            grad_features[rows] = grad_logits @ prototypes
+            grad_prototypes += grad_logits.t() @ features[rows]
+        return grad_features, grad_prototypes.to(prototypes.dtype), None, None, None
+
+
+def _chunks(n_rows: int, n_prototypes: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // n_prototypes)
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def prototype_cross_entropy(features: Tensor, prototypes: Tensor, targets: Tensor, weights: Tensor,
+                            temperature: float) -> Tensor:
+    """Fused prototype layer + weighted cross-entropy: features (M, d) (the head's normalised
+    bottleneck), prototypes (K, d), targets (M, K) teacher probabilities, weights (M,). The
+    softmax and sums run in fp32 (float64 stays float64), like ``dino_loss``/``ibot_loss``."""
+    device_type = features.device.type
+    # The matmuls run in the autocast dtype when autocast is on, as F.linear would; the
+    # function itself runs with autocast off so that its backward uses the same dtypes.
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else features.dtype
+    with torch.autocast(device_type, enabled=False):
+        accumulate = torch.promote_types(features.dtype, torch.float32)
+        return _PrototypeCrossEntropy.apply(features.to(dtype), prototypes.to(dtype), targets, weights.to(accumulate),
+                                            temperature)
+
+
+def dino_loss_fused(student_features: Tensor, prototypes: Tensor, teacher_probs: Tensor,
+                    student_temperature: float = 0.1) -> Tensor:
+    """``dino_loss`` with the student's prototype layer fused in: student_features (S, B, d).
+    Cross-entropy is linear in the target, so each student crop s is scored once against the
+    sum of the teacher distributions of the other views (t != s)."""
+    n_student, batch, _ = student_features.shape
+    n_teacher = teacher_probs.shape[0]
+    n_pairs = _dino_pairs(n_student, batch, prototypes.shape[0], teacher_probs)
+    teacher = teacher_probs.to(torch.promote_types(teacher_probs.dtype, torch.float32))
+    everyone = teacher.sum(dim=0)
+    targets = torch.stack([everyone - teacher[s] if s < n_teacher else everyone for s in range(n_student)])
+    weights = teacher.new_full((n_student * batch,), 1.0 / (batch * n_pairs))
+    return prototype_cross_entropy(student_features.flatten(0, 1), prototypes, targets.flatten(0, 1), weights,
+                                   student_temperature)
+
+
+def ibot_loss_fused(student_features: Tensor, prototypes: Tensor, teacher_probs: Tensor, masks: Tensor,
+                    student_temperature: float = 0.1) -> Tensor:
+    """``ibot_loss`` with the student's prototype layer fused in: student_features (M, d)."""
+    token_weight = _ibot_token_weights(student_features.shape[0], teacher_probs, masks)
+    return prototype_cross_entropy(student_features, prototypes, teacher_probs, token_weight, student_temperature)
 
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:

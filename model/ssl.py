@@ -9,6 +9,7 @@ global CLS features), with separate DINO and iBOT heads.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from dinoforge.model.heads import DINOHead
-from dinoforge.model.losses import SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from dinoforge.model.losses import (SoftmaxCentering, dino_loss, dino_loss_fused, ibot_loss, ibot_loss_fused, koleo_loss,
+                                   sinkhorn_knopp)
 from dinoforge.model.vit import DinoVisionTransformer
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
@@ -66,18 +68,36 @@ def _heads(embed_dim: int, cfg: ObjectiveConfig) -> tuple[DINOHead, DINOHead]:
     return dino, (make(cfg.ibot_head) if cfg.separate_ibot_head else dino)
 
 
-def objective(cfg: ObjectiveConfig, student_logits: Tensor, dino_targets: Tensor, student_patch_logits: Tensor,
-              ibot_targets: Tensor, masks: Tensor, global_cls: Tensor, n_global: int = 2) -> tuple[Tensor, dict[str, Tensor]]:
-    """DINO over every student crop's CLS logits (crop-major, S*B rows) against the teacher's
-    global targets (n_global*B rows) + iBOT over the masked patches + KoLeo on each global
-    crop's student CLS. Returns the weighted total and the detached parts."""
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``fn`` under torch.compile, once per process, with dynamic shapes: the number of masked
+    patches (rows of the iBOT logits and targets) changes every step."""
+    return torch.compile(fn, dynamic=True)
+
+
+def objective(cfg: ObjectiveConfig, heads: tuple[DINOHead, DINOHead], cls_tokens: Tensor, dino_targets: Tensor,
+              patch_tokens: Tensor, ibot_targets: Tensor, masks: Tensor, global_cls: Tensor, n_global: int = 2,
+              fused: bool = False, compile: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """DINO over every student crop's CLS token (crop-major, S*B rows) through the student's
+    DINO head against the teacher's global targets (n_global*B rows) + iBOT over the masked
+    patch tokens (M rows) through the iBOT head + KoLeo on each global crop's student CLS.
+    ``fused`` computes each head's prototype layer inside its loss, in chunks, so the (rows, K)
+    logits are never stored (``losses.prototype_cross_entropy``); the value is the same.
+    ``compile`` runs the unfused iBOT loss compiled: its log-softmax and products over the
+    (M, K) matrix become a few fused passes. Returns the weighted total and the detached parts."""
+    dino_head, ibot_head = heads
     batch = dino_targets.shape[0] // n_global
-    k = student_logits.shape[-1]
-    parts = {
-        "dino_loss": dino_loss(student_logits.view(-1, batch, k), dino_targets.view(n_global, batch, k), cfg.student_temperature),
-        "ibot_loss": ibot_loss(student_patch_logits, ibot_targets, masks, cfg.student_temperature),
-        "koleo_loss": sum(koleo_loss(chunk) for chunk in global_cls.chunk(n_global)),
-    }
+    k = dino_targets.shape[-1]
+    targets = dino_targets.view(n_global, batch, k)
+    tau = cfg.student_temperature
+    if fused:
+        features = dino_head.features(cls_tokens)
+        dino = dino_loss_fused(features.view(-1, batch, features.shape[-1]), dino_head.last_layer.prototypes(), targets, tau)
+        ibot = ibot_loss_fused(ibot_head.features(patch_tokens), ibot_head.last_layer.prototypes(), ibot_targets, masks, tau)
+    else:
+        dino = dino_loss(dino_head(cls_tokens).view(-1, batch, k), targets, tau)
+        ibot = (compiled(ibot_loss) if compile else ibot_loss)(ibot_head(patch_tokens), ibot_targets, masks, tau)
+    parts = {"dino_loss": dino, "ibot_loss": ibot, "koleo_loss": sum(koleo_loss(chunk) for chunk in global_cls.chunk(n_global))}
     total = (
         cfg.dino_loss_weight * parts["dino_loss"]
         + cfg.ibot_loss_weight * parts["ibot_loss"]
@@ -95,6 +115,8 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.packed = packed
+        self.fused_loss = False  # set by the trainer (train.fused_loss)
+        self.compile_losses = False  # set by the trainer (train.compile)
         backbone = make_backbone(drop_path_rate)
         dino_head, ibot_head = _heads(backbone.embed_dim, cfg)
         self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
@@ -115,7 +137,8 @@ class SSLMetaArch(nn.Module):
 
     def _targets(self, logits: Tensor, temperature: float, center: str) -> Tensor:
         if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temperature, self.cfg.sinkhorn_iterations)
+            sinkhorn = compiled(sinkhorn_knopp) if self.compile_losses else sinkhorn_knopp
+            return sinkhorn(logits, temperature, self.cfg.sinkhorn_iterations)
         centering: SoftmaxCentering = getattr(self, center)
         targets = centering.targets(logits, temperature)
         centering.update(logits)
@@ -141,12 +164,11 @@ class SSLMetaArch(nn.Module):
 
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])
         outputs = self._student_features(crops, [masks] + [None] * (len(crops) - 1), batch)
-        global_cls = outputs[0]["x_norm_clstoken"]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outputs])
-        student_logits = self.student["dino_head"](cls_tokens)
-        student_patch_logits = self.student["ibot_head"](outputs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_rows])
-
-        return objective(self.cfg, student_logits, dino_targets, student_patch_logits, ibot_targets, masks, global_cls)
+        patch_tokens = outputs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_rows]
+        heads = (self.student["dino_head"], self.student["ibot_head"])
+        return objective(self.cfg, heads, cls_tokens, dino_targets, patch_tokens, ibot_targets, masks,
+                         outputs[0]["x_norm_clstoken"], fused=self.fused_loss, compile=self.compile_losses)
 
     def _student_features(self, crops: list[Tensor], masks: list[Tensor | None], batch: int) -> list[dict]:
         backbone = self.student["backbone"]

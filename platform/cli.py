@@ -23,6 +23,25 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinoforge import bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = list(bench.VARIANTS) if args.variants == "all" else args.variants.split(",")
+    for name in variants:
+        bench.variant_overrides(name)  # unknown names fail before any work
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    record = bench.run(args.preset, args.overrides, args.batch, args.steps, args.warmup, device, precision, variants,
+                       args.curve, args.anchor, args.profile)
+    bench.print_table(record)
+    if args.record:
+        with open(args.record, "w") as handle:
+            json.dump(record, handle, indent=1)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -488,6 +507,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=None, help="k-NN: only the first N Fashion-MNIST test images")
     p.add_argument("--compare-random-init", action="store_true", help="also evaluate the same network at random init (LayerScale 1)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("bench", help="time the training step on synthetic data: images/s, memory, TFLOP/s, MFU per lever")
+    _add_config_args(p)
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: the preset's batch_size_per_gpu)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
+    p.add_argument("--variants", default="all", help="comma-separated, the first is the baseline: "
+                   "baseline,fused_optimizer,fused_loss,compile_fused_loss,compile (default: all)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--curve", type=int, default=0, metavar="STEPS", help="also compare the last variant's loss curve with the first's")
+    p.add_argument("--anchor", type=float, default=None, help="reference images/s to print the last variant's ratio against")
+    p.add_argument("--record", default=None, help="write the record (JSON) to this file")
+    p.add_argument("--profile", default=None, help="write the fastest variant's operator profile to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("lineage", help="MLflow lineage journals")
     commands = p.add_subparsers(dest="lineage_command", required=True)

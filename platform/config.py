@@ -115,7 +115,12 @@ class TrainConfig:
     # not offered: bf16 has fp32's range and needs no scaler.
     precision: str = "fp32"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile each transformer block, Sinkhorn-Knopp and the iBOT loss
+    # Each head's prototype layer computed inside its loss, in row chunks, so the (rows, K)
+    # logits and their fp32 log-softmax are never stored: the same loss with less memory
+    # (losses.prototype_cross_entropy; effect in benchmarks/records/).
+    fused_loss: bool = False
+    fused_optimizer: bool = False  # AdamW as one fused kernel per step (torch.optim.AdamW(fused=True))
     # Weights to start from when the run has no checkpoint of its own (a run directory or a
     # checkpoint URI): e.g. the high-resolution stage continues a finished pretraining run.
     init_from: str | None = None

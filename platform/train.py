@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import fsspec
 import torch
@@ -22,7 +23,6 @@ from dinoforge.data import open_source
 from dinoforge.data.storage import join
 from dinoforge.data.stream import MASK_STREAM, RANK_STREAM, SkipLedger, multicrop_loader, sample_seed
 from dinoforge.distributed import PRECISIONS, World, close_world, init_world, shard_model
-from dinoforge.lineage import Lineage, digest_uri, stage_lineage
 from dinoforge.telemetry import Telemetry
 from dinoforge.model.augment import MultiCropAugmentation
 from dinoforge.model.masking import sample_masks
@@ -31,6 +31,9 @@ from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
 from dinoforge.export import backbone_from_config, load_teacher
 from dinoforge.model.distill import DistillMetaArch
 from dinoforge.model.ssl import SSLMetaArch
+
+if TYPE_CHECKING:
+    from dinoforge.lineage import Lineage
 
 log = logging.getLogger("dinoforge.train")
 
@@ -157,14 +160,27 @@ def _gather_skipped(pending: list[dict], world: World) -> list[dict]:
     return [item for items in gathered for item in items]
 
 
-def _prepare(model: SSLMetaArch | DistillMetaArch, cfg: Config, world: World) -> None:
+def prepare_model(model: SSLMetaArch | DistillMetaArch, cfg: Config, world: World) -> None:
+    """The step's implementation levers (fused loss, compiled blocks, activation
+    checkpointing) and, on several ranks, FSDP2 sharding."""
+    model.fused_loss, model.compile_losses = cfg.train.fused_loss, cfg.train.compile
     for backbone in (model.student["backbone"], model.teacher["backbone"]):
         backbone.activation_checkpointing = cfg.train.activation_checkpointing
         if cfg.train.compile:
             for block in backbone.blocks:
-                block.compile()
+                # Static shapes: the teacher's and the student's token counts differ, and
+                # automatic dynamic shapes would trade both for one slower symbolic graph.
+                block.compile(dynamic=False)
     if world.world_size > 1:
         shard_model(model, world, cfg.train.precision)
+
+
+def build_optimizer(model: SSLMetaArch | DistillMetaArch, cfg: Config) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+        betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+        fused=cfg.train.fused_optimizer or None,
+    )
 
 
 def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: bool = True) -> dict:
@@ -181,6 +197,8 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
 
 
 def _record_inputs(lineage: Lineage, cfg: Config, dataset_digest: str) -> None:
+    from dinoforge.lineage import digest_uri
+
     lineage.params(to_dict(cfg))
     kind, _, uri = cfg.data.dataset.partition(":")
     manifest = kind == "manifest"
@@ -195,6 +213,10 @@ def _record_inputs(lineage: Lineage, cfg: Config, dataset_digest: str) -> None:
 def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, world: World) -> dict:
     stage = "distill" if cfg.distill.teacher else "pretrain"
     telemetry = Telemetry(stage, rank=world.rank)
+    # Imported here: MLflow takes ~2 s to import and building or timing a step (dinoforge bench,
+    # also where MLflow is not installed) does not need it.
+    from dinoforge.lineage import stage_lineage
+
     lineage = stage_lineage(stage, output, enabled=world.is_main)
     try:
         with lineage:
@@ -213,11 +235,8 @@ def _train(cfg: Config, output: str, max_steps: int | None, progress: bool, worl
     device, batch_size = world.device, cfg.train.batch_size_per_gpu
     model = build_meta_arch(cfg).to(device)
     model.train()
-    _prepare(model, cfg, world)
-    optimizer = torch.optim.AdamW(
-        param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-        betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-    )
+    prepare_model(model, cfg, world)
+    optimizer = build_optimizer(model, cfg)
     global_batch = batch_size * world.world_size
     schedules = Schedules.from_config(cfg, global_batch)
     checkpointer = Checkpointer(output, world, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,

@@ -7,7 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dinoforge.model.losses import SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+import dinoforge.model.losses as losses
+from dinoforge.model.heads import DINOHead
+from dinoforge.model.losses import (SoftmaxCentering, dino_loss, dino_loss_fused, ibot_loss, ibot_loss_fused, koleo_loss,
+                                   sinkhorn_knopp)
 
 
 def reference_sinkhorn(logits: torch.Tensor, temperature: float, n_iterations: int) -> torch.Tensor:
@@ -227,6 +230,87 @@ def test_ibot_loss_matches_per_image_loop_in_mask_order():
     torch.testing.assert_close(ibot_loss(student, teacher, masks), expected / 4)
     with pytest.raises(ValueError):
         ibot_loss(student[:-1], teacher[:-1], masks)
+
+
+# ---------------------------------------------------------------- fused prototype layer + loss
+
+
+def _reference_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """float64 weighted cross-entropy, written out independently of losses.py."""
+    return -(weights * (targets * F.log_softmax(logits / tau, dim=-1)).sum(-1)).sum()
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 40])  # one chunk; several chunks with a ragged last one
+def test_fused_dino_loss_matches_head_then_loss_in_float64(monkeypatch, chunk_elements):
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(11)
+    s, t, b, k, tau = 6, 2, 3, 13, 0.1
+    head = DINOHead(5, k, hidden_dim=8, bottleneck_dim=4).double()
+    tokens = torch.randn(s * b, 5, dtype=torch.float64)
+    teacher = F.softmax(torch.randn(t, b, k, dtype=torch.float64), dim=-1)
+
+    def gradients(loss_fn):
+        head.zero_grad()
+        x = tokens.clone().requires_grad_(True)
+        loss = loss_fn(x)
+        loss.backward()
+        return loss.detach(), [x.grad] + [p.grad.clone() for p in head.parameters()]
+
+    # Reference: the explicit (t, s != t) pair mean over materialised logits.
+    def reference(x):
+        logits = head(x).view(s, b, k)
+        pairs = [_reference_ce(logits[si], teacher[ti], torch.full((b,), 1.0 / b, dtype=torch.float64), tau)
+                 for ti in range(t) for si in range(s) if si != ti]
+        return torch.stack(pairs).mean()
+
+    fused_value, fused_grads = gradients(
+        lambda x: dino_loss_fused(head.features(x).view(s, b, -1), head.last_layer.prototypes(), teacher, tau))
+    ref_value, ref_grads = gradients(reference)
+    torch.testing.assert_close(fused_value, ref_value, rtol=1e-12, atol=0)
+    assert len(ref_grads) == 1 + len(list(head.parameters()))
+    for fused, ref in zip(fused_grads, ref_grads):
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 30])
+def test_fused_ibot_loss_matches_head_then_loss_in_float64(monkeypatch, chunk_elements):
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(12)
+    masks = torch.rand(5, 8) < 0.4
+    masks[1] = False
+    m, k, tau = int(masks.sum()), 11, 0.07
+    head = DINOHead(6, k, hidden_dim=8, bottleneck_dim=4).double()
+    tokens = torch.randn(m, 6, dtype=torch.float64, requires_grad=True)
+    teacher = F.softmax(torch.randn(m, k, dtype=torch.float64), dim=-1)
+    fused = ibot_loss_fused(head.features(tokens), head.last_layer.prototypes(), teacher, masks, tau)
+    fused_grads = torch.autograd.grad(fused, [tokens, *head.parameters()])
+    per_image = masks.sum(-1).clamp(min=1).double()[:, None].expand_as(masks)[masks]
+    ref = _reference_ce(head(tokens), teacher, 1.0 / (per_image * masks.shape[0]), tau)
+    ref_grads = torch.autograd.grad(ref, [tokens, *head.parameters()])
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=0)
+    for a, r in zip(fused_grads, ref_grads):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="masked patches"):
+        ibot_loss_fused(head.features(tokens[:-1]), head.last_layer.prototypes(), teacher[:-1], masks, tau)
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_unfused_path():
+    """Under autocast both paths score bf16 features against bf16 prototypes with the softmax in
+    fp32; the results agree to bf16 rounding of the logits."""
+    torch.manual_seed(13)
+    s, t, b, k = 4, 2, 8, 257
+    head = DINOHead(16, k, hidden_dim=32, bottleneck_dim=8)
+    tokens = torch.randn(s * b, 16)
+    teacher = F.softmax(torch.randn(t, b, k) / 0.05, dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused = dino_loss(head(tokens).view(s, b, k), teacher)
+        fused = dino_loss_fused(head.features(tokens).view(s, b, -1), head.last_layer.prototypes(), teacher)
+    assert fused.dtype == unfused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, rtol=2e-3, atol=0)
+    grads = [torch.autograd.grad(v, head.last_layer.weight_v)[0] for v in (unfused, fused)]
+    assert F.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.999
 
 
 # ---------------------------------------------------------------- KoLeo
