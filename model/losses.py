@@ -170,8 +170,7 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         ctx.temperature = temperature
         total = weights.new_zeros(())
         for rows in _chunks(features.shape[0], prototypes.shape[0]):
-            logits = (features[rows] @ prototypes.t()).to(weights.dtype) / temperature
-            target = targets[rows].to(weights.dtype)
+            logits, target = _chunk(features, prototypes, targets, rows, weights.dtype, temperature)
             per_row = torch.logsumexp(logits, dim=-1) * target.sum(dim=-1) - (target * logits).sum(dim=-1)
             total += (per_row * weights[rows]).sum()
         return total
@@ -182,8 +181,7 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         grad_features = torch.empty_like(features)
         grad_prototypes = torch.zeros(prototypes.shape, dtype=weights.dtype, device=prototypes.device)
         for rows in _chunks(features.shape[0], prototypes.shape[0]):
-            logits = (features[rows] @ prototypes.t()).to(weights.dtype) / ctx.temperature
-            target = targets[rows].to(weights.dtype)
+            logits, target = _chunk(features, prototypes, targets, rows, weights.dtype, ctx.temperature)
             # d/dlogits of lse * sum(t) - t . logits = softmax * sum(t) - t, then the 1/τ and w_i.
             grad_logits = torch.softmax(logits, dim=-1) * target.sum(dim=-1, keepdim=True) - target
             grad_logits *= (grad_total * weights[rows] / ctx.temperature)[:, None]
@@ -191,6 +189,12 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
             grad_features[rows] = grad_logits @ prototypes
             grad_prototypes += grad_logits.t() @ features[rows]
         return grad_features, grad_prototypes.to(prototypes.dtype), None, None, None
+
+
+def _chunk(features: Tensor, prototypes: Tensor, targets: Tensor, rows: slice, dtype: torch.dtype,
+           temperature: float) -> tuple[Tensor, Tensor]:
+    """One chunk's logits / τ and targets in the accumulation dtype (forward and backward alike)."""
+    return (features[rows] @ prototypes.t()).to(dtype) / temperature, targets[rows].to(dtype)
 
 
 def _chunks(n_rows: int, n_prototypes: int) -> list[slice]:

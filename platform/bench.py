@@ -12,7 +12,6 @@ counted) and MFU is taken against a matrix product timed in the same run.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import platform as host
@@ -24,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinoforge.config import Config, load_config
-from dinoforge.distributed import World
+from dinoforge.distributed import PRECISIONS, World
 from dinoforge.model.masking import sample_masks
 from dinoforge.model.optim import apply_schedules
 from dinoforge.train import build_meta_arch, build_optimizer, prepare_model, train_step
@@ -161,7 +160,7 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
     variant is profiled into the file ``profile``."""
     base = load_config(preset, overrides)
     batch = batch or base.train.batch_size_per_gpu
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    autocast_dtype = PRECISIONS[precision]
     batches = synthetic_batches(base, batch, device)
     peak = matmul_peak(device, autocast_dtype or torch.float32)
     record = {
@@ -253,5 +252,5 @@ def print_table(record: dict) -> None:
         table.add_row(name, f"{r['images_per_s']:.1f}", f"{r['s_per_step']:.4f}", peak, f"{r['tflops']:.2f}",
                       f"{100 * r['mfu']:.1f}%", f"{r['images_per_s'] / first['images_per_s']:.2f}x")
     Console().print(table)
-    with contextlib.suppress(KeyError):
+    if "speedup_vs_anchor" in record:
         print(f"{record['best']} vs the anchor's {record['anchor_images_per_s']} images/s: {record['speedup_vs_anchor']:.2f}x")

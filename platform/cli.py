@@ -13,6 +13,7 @@ import torch
 
 from dinoforge.curation import DEDUP_METHODS
 from dinoforge.config import ConfigError, DataConfig, load_config, preset_names, to_dict
+from dinoforge.distributed import PRECISIONS
 from dinoforge.eval.features import labelled_images
 
 log = logging.getLogger("dinoforge")
@@ -515,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
     p.add_argument("--variants", default="all", help="comma-separated, the first is the baseline: "
                    "baseline,fused_optimizer,fused_loss,compile_fused_loss,compile (default: all)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None, help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--curve", type=int, default=0, metavar="STEPS", help="also compare the last variant's loss curve with the first's")
     p.add_argument("--anchor", type=float, default=None, help="reference images/s to print the last variant's ratio against")
