@@ -14,6 +14,37 @@ from object_store import gcs_bucket, gcs_prefix, s3_bucket, s3_prefix  # noqa: F
 # A real MLflow tracking server (tests/mlflow_server.py), started once per session.
 from mlflow_server import mlflow_server  # noqa: F401
 
+# CI runs the slow lane against a deadline (.ci/run sets DINOFORGE_SLOW_DEADLINE, Unix seconds):
+# a slow test whose estimated cost no longer fits is skipped with the reason printed, rather
+# than the whole lane being killed mid-test. Estimates are CI-machine seconds (read off the
+# lane's `--durations` report): the test's own in `@pytest.mark.slow(seconds=N)`, plus the
+# expensive shared fixtures below the first time a test needs one.
+FIXTURE_SECONDS = {"smoke_run": 750, "full_smoke_teacher": 800}
+_fixtures_built: set[str] = set()
+
+
+def pytest_fixture_setup(fixturedef):
+    _fixtures_built.add(fixturedef.argname)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects the slow tests
+def pytest_collection_modifyitems(items):
+    unsized = [item.nodeid for item in items
+               if (mark := item.get_closest_marker("slow")) is not None and "seconds" not in mark.kwargs]
+    if unsized:
+        raise pytest.UsageError(f"slow tests need @pytest.mark.slow(seconds=N): {', '.join(unsized)}")
+
+
+def pytest_runtest_setup(item):
+    deadline, mark = os.environ.get("DINOFORGE_SLOW_DEADLINE"), item.get_closest_marker("slow")
+    if deadline is None or mark is None:
+        return
+    cost = mark.kwargs["seconds"] + sum(seconds for name, seconds in FIXTURE_SECONDS.items()
+                                        if name in item.fixturenames and name not in _fixtures_built)
+    left = float(deadline) - time.time()
+    if cost > left:
+        pytest.skip(f"CI time budget: {left:.0f} s left, {item.name} needs about {cost} s")
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):

@@ -267,7 +267,7 @@ def test_copy_then_delete_publishes_fast(prefix):
 
 @pytest.mark.parametrize(
     "store",
-    ["s3", "file", pytest.param("gs", marks=pytest.mark.slow)],  # gs: moveTo -> 501, ~34 s
+    ["s3", "file", pytest.param("gs", marks=pytest.mark.slow(seconds=60))],  # gs: moveTo -> 501, ~34 s
 )
 def test_mv(store, request, tmp_path):
     prefix = {
