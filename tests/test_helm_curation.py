@@ -11,8 +11,6 @@ which `scripts/setup.sh --test` installs), else PATH; without it these tests fai
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,53 +21,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "dinov2-curation"
-EXAMPLES = sorted(path.name for path in (CHART / "examples").glob("*.yaml"))
-KUBE_VERSIONS = ("1.25.0", "1.37.0")  # the oldest and newest we support (README)
+from helm_chart import KUBE_VERSIONS, Chart, by_kind, helm
+
+CHART = Chart("dinov2-curation")
+EXAMPLES = CHART.examples
 BUILT_IN = {"ServiceAccount", "ConfigMap", "Job", "Pod"}
-
-
-def find_helm() -> str:
-    candidates = [os.environ.get("DINOFORGE_HELM"), str(Path(sys.executable).parent / "helm"), shutil.which("helm")]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("no helm binary: run `bash scripts/setup.sh --test` (installs .venv/bin/helm) or set DINOFORGE_HELM")
-
-
-def helm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([find_helm(), *args], capture_output=True, text=True, timeout=60)
-
-
-def value_args(values: str | None, sets: tuple[str, ...] = ()) -> list[str]:
-    """``values``: an example's file name, a path, or None for the defaults."""
-    args = []
-    if values:
-        args += ["-f", str(CHART / "examples" / values if values in EXAMPLES else values)]
-    for item in sets:
-        args += ["--set", item]
-    return args
-
-
-def render(values: str | None = None, *sets: str, kube_version: str = KUBE_VERSIONS[-1],
-           release: str = "dinov2-curation") -> list[dict]:
-    result = helm("template", release, str(CHART), "--namespace", "ml", "--kube-version", kube_version,
-                  *value_args(values, sets))
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def rejected(values: str | None, *sets: str) -> str:
-    """helm template's and helm lint --strict's error output; both must fail."""
-    template = helm("template", "x", str(CHART), *value_args(values, sets))
-    lint = helm("lint", "--strict", str(CHART), *value_args(values, sets))
-    assert template.returncode != 0 and lint.returncode != 0, (template.stdout[-2000:], lint.stdout[-2000:])
-    return template.stderr + lint.stdout + lint.stderr
-
-
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [doc for doc in docs if doc["kind"] == kind]
+render, rejected = CHART.render, CHART.rejected
 
 
 def job_of(docs: list[dict]) -> dict:
@@ -95,8 +52,7 @@ def worker_script(docs: list[dict]) -> str:
 def test_strict_lint_with_defaults_and_every_example():
     assert EXAMPLES, "no examples"
     for values in (None, *EXAMPLES):
-        result = helm("lint", "--strict", str(CHART), *value_args(values))
-        assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, (values, result.stdout, result.stderr)
+        CHART.lint_strict(values)
 
 
 @pytest.mark.parametrize("values", [None, *EXAMPLES])
@@ -281,7 +237,7 @@ def test_backoff_limit_per_index_needs_kubernetes_1_29():
     spec = job_of(render(None, "job.backoffLimitPerIndex=2"))["spec"]
     assert spec["backoffLimitPerIndex"] == 2 and "backoffLimit" not in spec
     kubernetes_validate.validate(job_of(render(None, "job.backoffLimitPerIndex=2")), KUBE_VERSIONS[-1], strict=True)
-    result = helm("template", "x", str(CHART), "--kube-version", "1.28.0", "--set", "job.backoffLimitPerIndex=2")
+    result = helm("template", "x", str(CHART.path), "--kube-version", "1.28.0", "--set", "job.backoffLimitPerIndex=2")
     assert result.returncode != 0 and "job.backoffLimitPerIndex needs Kubernetes 1.29" in result.stderr
 
 
@@ -322,7 +278,7 @@ def chart_script(name: str, tmp_path: Path) -> Path:
     (config,) = by_kind(render(), "ConfigMap")
     path = tmp_path / name
     path.write_text(config["data"][name])
-    assert config["data"][name] == (CHART / "files" / name).read_text()
+    assert config["data"][name] == (CHART.path / "files" / name).read_text()
     return path
 
 
@@ -460,40 +416,5 @@ def test_pod_zero_alone_takes_over_a_missing_shard_and_curates_for_real(tmp_path
 
 # --- every value typed, described and documented ---
 
-def value_paths(values: dict, schema: dict, prefix: str = "") -> list[str]:
-    """Dotted paths of values.yaml: into an object the schema spells out, else a leaf."""
-    paths = []
-    for key, value in values.items():
-        path, node = f"{prefix}{key}", schema["properties"].get(key)
-        assert node is not None, f"{path} is in values.yaml but not in values.schema.json"
-        if isinstance(value, dict) and value and "properties" in node:
-            paths += value_paths(value, node, f"{path}.")
-        else:
-            paths.append(path)
-    return paths
-
-
-def schema_nodes(node: dict, path: str = "") -> list[tuple[str, dict]]:
-    nodes = [(path, node)]
-    for key, child in node.get("properties", {}).items():
-        nodes += schema_nodes(child, f"{path}.{key}" if path else key)
-    if "properties" in node.get("items", {}):  # arrays of objects (tolerations, extraEnv, imagePullSecrets)
-        nodes += schema_nodes(node["items"], f"{path}[]")
-    return nodes
-
-
 def test_every_value_is_in_the_schema_typed_described_and_in_the_readme_table():
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    for path, node in schema_nodes(schema)[1:]:
-        assert "description" in node and ("type" in node or "anyOf" in node), f"schema {path}: type and description"
-        if node.get("type") == "object" and "properties" in node:
-            assert node.get("additionalProperties") is False, f"schema {path} accepts misspelt keys"
-    assert schema["additionalProperties"] is False
-    readme = (CHART / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
-    paths = value_paths(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
-    assert len(paths) > 60
-    missing = [path for path in paths if path not in documented]
-    assert not missing, f"values missing from the README table: {missing}"
-    stale = documented - set(paths)
-    assert not stale, f"README documents values that values.yaml does not have: {sorted(stale)}"
+    CHART.check_values_documented(min_values=60)
