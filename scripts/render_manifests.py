@@ -42,11 +42,15 @@ ENTRIES = (
 )
 
 
-def find_helm() -> str:
+NO_HELM = "no helm binary: run `bash scripts/setup.sh --test` (installs .venv/bin/helm) or set DINOFORGE_HELM"
+
+
+def find_helm() -> str | None:
+    """$DINOFORGE_HELM, else helm beside this Python (.venv/bin/helm), else on PATH; None if none."""
     for candidate in (os.environ.get("DINOFORGE_HELM"), str(Path(sys.executable).parent / "helm"), shutil.which("helm")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    sys.exit("no helm binary: run `bash scripts/setup.sh --test` (installs .venv/bin/helm) or set DINOFORGE_HELM")
+    return None
 
 
 class _Dumper(yaml.SafeDumper):
@@ -104,7 +108,7 @@ def files_of(entry: Entry, docs: list[dict]) -> dict[str, str]:
 
 def write(target: Path) -> list[Path]:
     """Renders every entry into target (each entry's folder replaced); returns the files written."""
-    helm = find_helm()
+    helm = find_helm() or sys.exit(NO_HELM)
     written = []
     for entry in ENTRIES:
         shutil.rmtree(target / entry.out, ignore_errors=True)

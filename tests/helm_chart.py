@@ -2,12 +2,12 @@
 check that every value is typed, described and documented.
 
 helm comes from $DINOFORGE_HELM, else beside this Python (.venv/bin/helm, which
-`scripts/setup.sh --test` installs), else PATH; without it the chart tests fail."""
+`scripts/setup.sh --test` installs), else PATH (scripts/render_manifests.py finds it); without it
+the chart tests fail."""
 
+import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBE_VERSIONS = ("1.25.0", "1.37.0")  # the oldest and newest we support (chart READMEs)
 
 
+def _load_render_manifests():
+    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "scripts" / "render_manifests.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+render_manifests = _load_render_manifests()  # scripts/render_manifests.py: one place that finds helm
+
+
 def find_helm() -> str:
-    candidates = [os.environ.get("DINOFORGE_HELM"), str(Path(sys.executable).parent / "helm"), shutil.which("helm")]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("no helm binary: run `bash scripts/setup.sh --test` (installs .venv/bin/helm) or set DINOFORGE_HELM")
+    return render_manifests.find_helm() or pytest.fail(render_manifests.NO_HELM)
 
 
 def helm(*args: str) -> subprocess.CompletedProcess:
@@ -65,6 +72,14 @@ class Chart:
         lint = helm("lint", "--strict", str(self.path), *self.value_args(values, sets))
         assert template.returncode != 0 and lint.returncode != 0, (template.stdout[-2000:], lint.stdout[-2000:])
         return template.stderr + lint.stdout + lint.stderr
+
+    def rejected_values(self, tmp_path: Path, file_values: dict | None, *sets: str) -> str:
+        """rejected() for values given as --set items and/or a values file written from file_values."""
+        values = None
+        if file_values is not None:
+            values = str(tmp_path / "bad.yaml")
+            Path(values).write_text(yaml.safe_dump(file_values))
+        return self.rejected(values, *sets)
 
     def lint_strict(self, values: str | None = None) -> None:
         result = helm("lint", "--strict", str(self.path), *self.value_args(values))

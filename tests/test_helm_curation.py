@@ -265,11 +265,7 @@ def test_long_release_names_leave_room_for_the_pod_hostname():
     (("objectStore.mountPath=/creds",), None, "/objectStore/secretName"),  # a mount of no Secret
 ])
 def test_bad_values_are_rejected_naming_the_value(sets, file_values, named, tmp_path):
-    values = None
-    if file_values is not None:
-        values = str(tmp_path / "bad.yaml")
-        Path(values).write_text(yaml.safe_dump(file_values))
-    assert named in rejected(values, *sets)
+    assert named in CHART.rejected_values(tmp_path, file_values, *sets)
 
 
 # --- the chart's helper scripts, as rendered into the ConfigMap, run on local storage ---

@@ -548,11 +548,7 @@ def test_podmonitors_select_torchx_and_curation_pods_and_their_metrics_ports():
     (("mlflow.service.port=0",), None, "/mlflow/service/port"),
 ])
 def test_bad_values_are_rejected_naming_the_value(sets, file_values, named, tmp_path):
-    values = None
-    if file_values is not None:
-        values = str(tmp_path / "bad.yaml")
-        Path(values).write_text(yaml.safe_dump(file_values))
-    assert named in rejected(values, *sets)
+    assert named in CHART.rejected_values(tmp_path, file_values, *sets)
 
 
 def test_every_value_is_in_the_schema_typed_described_and_in_the_readme_table():
