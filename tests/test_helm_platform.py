@@ -503,9 +503,12 @@ def test_podmonitors_select_torchx_and_curation_pods_and_their_metrics_ports():
     assert set(monitors) == {"torchx", "curation"}
     role = specs.Role(name="pretrain", image="dinoforge:0.1.0", entrypoint="bash")
     torchx_pod = pod_labels(specs.AppDef(name="dinoforge-pretrain", roles=[role]), 0, role, 0, "dinoforge-pretrain-abc")
-    curation_pod = only(CURATION.render("gpu-s3.yaml"), "Job")["spec"]["template"]["metadata"]["labels"]
+    curation = CURATION.render("gpu-s3.yaml")
+    curation_pod = only(curation, "Job")["spec"]["template"]["metadata"]["labels"]
     for name, pod in (("torchx", torchx_pod), ("curation", curation_pod)):
         assert monitors[name]["spec"]["selector"]["matchLabels"].items() <= pod.items(), name
+    test_pod = only(curation, "Pod")["metadata"]["labels"]  # helm test's pod: not a worker
+    assert not any(monitor["spec"]["selector"]["matchLabels"].items() <= test_pod.items() for monitor in monitors.values())
     (endpoint,) = monitors["torchx"]["spec"]["podMetricsEndpoints"]
     assert endpoint["honorLabels"] is True and "port" not in endpoint
     (keep,) = endpoint["relabelings"]
