@@ -11,7 +11,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 NAMESPACE_ROOT = "platform"
-SUBPACKAGE_FOLDERS = ["model", "curation", "jobs"]
+SUBPACKAGE_FOLDERS = ["model", "curation", "jobs", "operators"]
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

@@ -174,13 +174,20 @@ class Launch:
                     "--max-restarts", str(self.max_restarts), "-m", "dinoforge.cli"]
         return " ".join(launcher) + " " + shell_words(cli_args)
 
-    def app(self, stage: str, sharded: List[List[str]], first_node: Optional[List[str]] = None) -> specs.AppDef:
-        """One role that runs, on every node, each CLI invocation of ``sharded`` under torchrun in
-        turn, then ``first_node`` as one plain ``dinoforge`` process on the first replica only;
-        each step must succeed for the next to start."""
+    def app(self, stage: str, sharded: List[List[str]], first_node: Optional[List[str]] = None,
+            before: Optional[List[str]] = None) -> specs.AppDef:
+        """One role that runs ``before`` as one plain ``dinoforge`` process (single-node jobs
+        only: other nodes would not wait for it), then, on every node, each CLI invocation of
+        ``sharded`` under torchrun in turn, then ``first_node`` as one plain ``dinoforge`` process
+        on the first replica only; each step must succeed for the next to start."""
         min_nodes, max_nodes = parse_nnodes(self.nnodes)
         rdzv = self.rdzv_ports(len(sharded))
         steps = [self._torchrun(cli_args, port) for cli_args, port in zip(sharded, rdzv.values())]
+        if before:
+            if self.multi_node:
+                raise ValueError(f"a step before torchrun needs nnodes=1, got {self.nnodes!r}")
+            check_cli(before)
+            steps.insert(0, f"dinoforge {shell_words(before)}")
         if first_node:
             check_cli(first_node)
             steps.append(f"if [ {specs.macros.replica_id} = 0 ]; then dinoforge {shell_words(first_node)}; fi")

@@ -13,6 +13,7 @@ def evaluate(
     weights: str,
     protocols: str = "knn",
     out: str = "",
+    export_from: str = "",
     name: str = "evaluate",
     image: str = Launch.image,
     nnodes: str = Launch.nnodes,
@@ -42,6 +43,7 @@ def evaluate(
         weights: exported weights URI (.pth with its .json beside it)
         protocols: comma-separated protocols or 'all' (dinoforge evaluate --help lists them)
         out: local directory in the container for results.jsonl, summary.json and pictures (empty: none)
+        export_from: run directory or checkpoint to export to ``weights`` first (``dinoforge export``; nnodes=1 only)
     """
     from dinoforge.eval.suite import parse_protocols  # imports torch: only when the job is built
 
@@ -50,4 +52,5 @@ def evaluate(
         raise ValueError(f"protocols {protocols!r} run in one process: use nnodes=1 and nproc_per_node=1 "
                          "(only protocols='knn' shards across ranks)")
     cli_args = ["evaluate", "suite", "--weights", weights, "--protocols", protocols, *(["--out", out] if out else [])]
-    return launch.app("evaluate", [cli_args + list(suite_args)])
+    before = ["export", export_from, weights] if export_from else None
+    return launch.app("evaluate", [cli_args + list(suite_args)], before=before)
