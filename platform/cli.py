@@ -530,7 +530,28 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("journal", help="journal directory URI, e.g. runs/local/lineage")
     sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the file store beside the journal")
     sync.set_defaults(func=cmd_lineage_sync)
+
+    p = sub.add_parser("operator", help="run the DinoPipeline operator (kopf; needs the [operator] extra)")
+    p.add_argument("--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable; default: all namespaces)")
+    p.add_argument("--liveness", default=None, help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--debug", action="store_true", help="kopf's debug logging")
+    p.set_defaults(func=cmd_operator)
     return parser
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """``kopf run --standalone -m dinoforge.operators.handlers`` with these options (kopf's CLI
+    parses them; it exits the process when the operator stops)."""
+    from kopf.cli import main as kopf_main
+
+    kopf_args = ["run", "--standalone", "-m", "dinoforge.operators.handlers"]
+    kopf_args += [f"--namespace={ns}" for ns in args.namespace] or ["--all-namespaces"]
+    if args.liveness:
+        kopf_args.append(f"--liveness={args.liveness}")
+    if args.debug:
+        kopf_args.append("--debug")
+    return kopf_main(args=kopf_args, prog_name="dinoforge operator")
 
 
 def main(argv: list[str] | None = None) -> int:
