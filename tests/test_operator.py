@@ -27,7 +27,8 @@ from kubernetes.client import CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from test_helm_operator import CRD, render
+from dinoforge.operators.plan import plan
+from test_helm_operator import CRD, ROOT, render
 from test_jobs import KubernetesAPI, _strict
 
 GROUP, VERSION, PLURAL = "dinoforge.io", "v1alpha1", "dinopipelines"
@@ -199,6 +200,9 @@ def test_the_crd_schema_rejects_type_errors():
                        ({"resource": {}}, "Additional properties are not allowed")]:
         with pytest.raises(jsonschema.ValidationError, match=re.escape(match)):
             jsonschema.Draft7Validator(schema).validate(pipeline("p", "s3://b/p", **bad))
+    example = yaml.safe_load((ROOT / "operators" / "examples" / "dinopipeline.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(example)
+    assert [stage.name for stage in plan(example["spec"], "smoke")] == ["curate", "pretrain", "distill", "evaluate"]
     missing = pipeline("p", "s3://b/p")
     del missing["spec"]["pool"]
     with pytest.raises(jsonschema.ValidationError, match="'pool' is a required property"):
