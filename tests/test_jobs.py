@@ -371,3 +371,10 @@ def test_bad_arguments_fail_when_the_job_is_built():
         curate(manifest="m", weights="w", out="o", n=10, dedup_method="exact")
     with pytest.raises(ValueError, match="each process needs its own GPU"):
         distill(teacher="t.pth", output="o", nproc_per_node=4, gpus_per_node=2)
+
+
+def test_evaluate_exports_a_run_first_on_a_single_node():
+    (task,) = dryrun("evaluate", "--weights", "s3://b/e/w.pth", "--export_from", "s3://b/run")["spec"]["tasks"]
+    assert shell(task).startswith("dinoforge export s3://b/run s3://b/e/w.pth && torchrun ")
+    with pytest.raises(ValueError, match="nnodes=1"):  # the other nodes would not wait for the export
+        dryrun("evaluate", "--weights", "w.pth", "--export_from", "run", "--nnodes", "2")
