@@ -16,7 +16,7 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
     )
     wheel = next((tmp_path / "dist").glob("dinoforge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    sources = sorted(p.relative_to(ROOT) for folder in ("platform", "model") for p in (ROOT / folder).rglob("*.py"))
+    sources = sorted(p.relative_to(ROOT) for folder in ("platform", "model", "operators") for p in (ROOT / folder).rglob("*.py"))
     expected = {("dinoforge/" + "/".join(p.parts[1:])) if p.parts[0] == "platform" else "dinoforge/" + "/".join(p.parts) for p in sources}
     assert expected <= set(names), expected - set(names)
     assert "dinoforge/__init__.py" not in names  # namespace root: never shadows stdlib `platform`
