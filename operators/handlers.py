@@ -210,7 +210,7 @@ def start(spec: Mapping[str, Any], name: str, uid: str, body: Mapping[str, Any],
     patch.status.update(new)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, idle=0)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL)
 def advance(spec: Mapping[str, Any], name: str, namespace: str, uid: str, body: Mapping[str, Any],
             status: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
     if status.get("phase") != "Running":
