@@ -60,9 +60,9 @@ class Chart:
         return args
 
     def render(self, values: str | None = None, *sets: str, kube_version: str = KUBE_VERSIONS[-1],
-               release: str | None = None) -> list[dict]:
+               release: str | None = None, include_crds: bool = False) -> list[dict]:
         result = helm("template", release or self.name, str(self.path), "--namespace", "ml", "--kube-version",
-                      kube_version, *self.value_args(values, sets))
+                      kube_version, *(["--include-crds"] if include_crds else []), *self.value_args(values, sets))
         assert result.returncode == 0, result.stderr
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 

@@ -4,57 +4,25 @@ valid as an apiextensions.k8s.io/v1 CustomResourceDefinition, the Deployment's h
 probes, a bad value rejected naming it, every value described and documented. The RBAC rules are
 checked against the operator's real calls in tests/test_operator.py.
 
-``helm`` comes from tests/test_helm_curation.py; value_args, render and rejected below are that
-file's helpers with the chart as a parameter, ready to move into a shared tests/helm_chart.py."""
+The shared helpers are tests/helm_chart.py's."""
 
-import json
 import re
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from helm_chart import KUBE_VERSIONS, Chart
 
-from test_helm_curation import helm  # finds helm as that file says; not chart-specific
-
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "dinoforge-operator"
-CRD = CHART / "crds" / "dinopipelines.dinoforge.io.yaml"
-EXAMPLES = sorted(path.name for path in (CHART / "examples").glob("*.yaml"))
-KUBE_VERSIONS = ("1.25.0", "1.37.0")  # the oldest and newest we support
+CHART = Chart("dinoforge-operator")
+CRD = CHART.path / "crds" / "dinopipelines.dinoforge.io.yaml"
+EXAMPLES = CHART.examples
 KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
-
-
-def value_args(values: str | None, sets: tuple[str, ...] = (), chart: Path = CHART) -> list[str]:
-    """``values``: an example's file name, a path, or None for the defaults."""
-    args = []
-    if values:
-        args += ["-f", str(chart / "examples" / values if (chart / "examples" / values).exists() else values)]
-    for item in sets:
-        args += ["--set", item]
-    return args
-
-
-def render(values: str | None = None, *sets: str, kube_version: str = KUBE_VERSIONS[-1], chart: Path = CHART,
-           include_crds: bool = False) -> list[dict]:
-    result = helm("template", "ops", str(chart), "--namespace", "dinoforge", "--kube-version", kube_version,
-                  *(["--include-crds"] if include_crds else []), *value_args(values, sets, chart))
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def rejected(values: str | None, *sets: str, chart: Path = CHART) -> str:
-    """helm template's and helm lint --strict's error output; both must fail."""
-    template = helm("template", "x", str(chart), *value_args(values, sets, chart))
-    lint = helm("lint", "--strict", str(chart), *value_args(values, sets, chart))
-    assert template.returncode != 0 and lint.returncode != 0, (template.stdout[-2000:], lint.stdout[-2000:])
-    return template.stderr + lint.stdout + lint.stderr
+render = CHART.render
 
 
 @pytest.mark.parametrize("values", [None, *EXAMPLES])
 def test_strict_lint(values):
-    linted = helm("lint", "--strict", str(CHART), *value_args(values))
-    assert (linted.returncode, "0 chart(s) failed" in linted.stdout) == (0, True), linted.stdout + linted.stderr
+    CHART.lint_strict(values)
 
 
 @pytest.mark.parametrize("values", [None, *EXAMPLES])
@@ -96,33 +64,8 @@ def test_the_deployment_is_hardened_probed_and_runs_the_operator():
     ("watchNamespace=ml", "watchNamespace"),
 ])
 def test_a_bad_value_is_rejected_naming_it(setting, named):
-    assert re.search(rf"\b{named}\b", rejected(None, setting))
-
-
-def _described(schema: dict, path: str = "") -> list[str]:
-    """Schema paths of values without a description."""
-    missing = [] if "description" in schema else [path or "(root)"]
-    for key, sub in schema.get("properties", {}).items():
-        missing += _described(sub, f"{path}.{key}" if path else key)
-    if isinstance(schema.get("items"), dict):
-        missing += _described(schema["items"], f"{path}[]")
-    return missing
-
-
-def _leaves(schema: dict, path: str = "") -> list[str]:
-    props = schema.get("properties")
-    if not props or schema.get("type") != "object" or "additionalProperties" in schema and path.count(".") > 1:
-        return [path]
-    return [leaf for key, sub in props.items() for leaf in _leaves(sub, f"{path}.{key}" if path else key)]
+    assert re.search(rf"\b{named}\b", CHART.rejected(None, setting))
 
 
 def test_every_value_is_typed_described_and_in_the_readme():
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    assert _described(schema) == []
-    readme = (CHART / "README.md").read_text()
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    for key in values:
-        assert key in schema["properties"], key
-    for leaf in _leaves(schema):
-        if leaf != "global":
-            assert f"`{leaf}`" in readme, leaf
+    CHART.check_values_documented(min_values=10)

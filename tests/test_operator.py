@@ -28,7 +28,8 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
 from dinoforge.operators.plan import plan
-from test_helm_operator import CRD, ROOT, render
+from helm_chart import ROOT
+from test_helm_operator import CRD, render
 from test_jobs import KubernetesAPI, _strict
 
 GROUP, VERSION, PLURAL = "dinoforge.io", "v1alpha1", "dinopipelines"
