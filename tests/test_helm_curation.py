@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -283,8 +282,12 @@ def run_script(script: Path, *args: str, timeout: float = 30) -> subprocess.Comp
 
 
 def write_embeddings(out: Path, num_chunks: int, present: list[int]) -> None:
+    """meta.json only when absent (as `curate embed` writes it; rewriting it would race the
+    waiter's read), then the chunks."""
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    (out / "embeddings" / "meta.json").write_text(json.dumps({"num_chunks": num_chunks}))
+    meta = out / "embeddings" / "meta.json"
+    if not meta.exists():
+        meta.write_text(json.dumps({"num_chunks": num_chunks}))
     for chunk in present:
         (out / "embeddings" / f"chunk_{chunk:06d}.npz").write_bytes(b"chunk")
 
@@ -294,23 +297,22 @@ def test_wait_returns_once_the_other_shards_chunks_arrive(tmp_path):
     pool, evals = tmp_path / "cur", tmp_path / "cur" / "eval"
     write_embeddings(pool, 4, [0, 2])
     write_embeddings(evals, 2, [0])
-
-    def other_shards() -> None:  # shard 1 (world 2) delivers its chunks a little later
-        time.sleep(0.5)
+    started = time.monotonic()
+    waiter = subprocess.Popen([sys.executable, str(script), "--world", "2", "--poll-seconds", "0.1",
+                               "--stall-seconds", "20", f"file://{pool}", str(evals)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = waiter.stdout.readline()  # it has seen the chunks so far: now shard 1 delivers the rest
+        assert "2 chunks to go" in first and "1 chunks to go" in first, first
         write_embeddings(pool, 4, [1])
         time.sleep(0.3)
         write_embeddings(pool, 4, [3])
         write_embeddings(evals, 2, [1])
-
-    writer = threading.Thread(target=other_shards)
-    writer.start()
-    started = time.monotonic()
-    result = run_script(script, "--world", "2", "--poll-seconds", "0.1", "--stall-seconds", "20",
-                        f"file://{pool}", str(evals))
-    writer.join()
-    assert result.returncode == 0, result.stderr
-    assert "all chunks present" in result.stdout and time.monotonic() - started < 10
-    assert "2 chunks to go" in result.stdout
+        rest, errors = waiter.communicate(timeout=30)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, errors
+    assert "all chunks present" in rest and time.monotonic() - started < 10
 
 
 def test_wait_gives_up_after_a_stall_and_names_the_missing_chunks_and_shards(tmp_path):
