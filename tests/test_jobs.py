@@ -22,6 +22,7 @@ import pytest
 import yaml
 from kmock import KubernetesEmulator, Server, action
 from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 from kubernetes_validate.utils import all_versions
 from torchx.runner import get_runner
@@ -327,6 +328,31 @@ def test_torchx_run_submits_the_secret_and_the_annotations(kubeconfig):
     assert namespace == "ml"
     assert container(task)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     assert prometheus_annotations(task) == PROMETHEUS
+
+
+def test_torchx_status_and_cancel_follow_the_job_on_the_api_server(kubeconfig):
+    """`torchx status` reads what Volcano's controller writes (the test plays it by patching the
+    Job's status subresource) and `torchx cancel` deletes the Job."""
+    env = _cli_env() | {"KUBECONFIG": str(kubeconfig)}
+
+    def torchx(*args: str) -> str:
+        result = subprocess.run([str(BIN / "torchx"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    handle = torchx("run", "--workspace", "", "-s", "kubernetes", "-cfg", "queue=default,namespace=ml",
+                    "jobs/evaluate.py:evaluate", "--weights", "s3://b/w.pth").strip()
+    namespace, name = handle.removeprefix("kubernetes://torchx/").split(":")
+    api = CustomObjectsApi(new_client_from_config(str(kubeconfig)))
+    jobs = ("batch.volcano.sh", "v1alpha1", namespace, "jobs", name)
+    for phase, state in (("Pending", "PENDING"), ("Running", "RUNNING")):
+        api.patch_namespaced_custom_object_status(*jobs, {"status": {"state": {"phase": phase}}})
+        assert f"State: {state}" in torchx("status", handle)
+    torchx("cancel", handle)  # TorchX cancels only a job that is not finished
+    with pytest.raises(ApiException) as gone:
+        api.get_namespaced_custom_object(*jobs)
+    assert gone.value.status == 404
 
 
 def test_torchx_lists_the_four_components_and_shows_their_arguments(tmp_path):
