@@ -161,7 +161,7 @@ def _download(uri: str, target: Path) -> str:
     return str(target)
 
 
-@pytest.mark.parametrize("store", ["s3_prefix", pytest.param("gcs_prefix", marks=pytest.mark.slow(seconds=120))])
+@pytest.mark.parametrize("store", ["s3_prefix", pytest.param("gcs_prefix", marks=pytest.mark.slow(seconds=200))])
 def test_round_trip_on_object_storage(store, request, reference, tmp_path):
     prefix = request.getfixturevalue(store)
     output = f"{prefix}/run"

@@ -107,7 +107,7 @@ def test_knn_sharded_across_torchrun_ranks_equals_one_process(weights, nproc, ca
     assert sharded[0]["per_class_top1"] == single["per_class_top1"]
 
 
-@pytest.mark.slow(seconds=400)
+@pytest.mark.slow(seconds=200)
 def test_trained_checkpoint_beats_random_init_on_every_protocol(smoke_run, tmp_path, capsys):
     """Issue acceptance on the smoke checkpoint (README's main job): every protocol against
     the same architecture at its training init; 10k/2k Fashion-MNIST for the classifiers."""

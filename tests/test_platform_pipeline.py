@@ -88,7 +88,7 @@ def test_pipeline_lineage_chain_on_a_tracking_server(mlflow_server, tmp_path):
     _check_chain(mlflow_server, summary["mlflow"]["pipeline_run_id"], summary)
 
 
-@pytest.mark.slow(seconds=120)
+@pytest.mark.slow(seconds=90)
 def test_pipeline_survives_a_down_tracking_server_and_syncs_later(mlflow_server, tmp_path):
     """MLflow unreachable during the whole run: the pipeline finishes, keeps the lineage in
     its journal, and `dinoforge lineage sync` pushes the same chain once a server answers."""

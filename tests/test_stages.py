@@ -100,7 +100,7 @@ def full_smoke_teacher(tmp_path_factory) -> str:
     return weights
 
 
-@pytest.mark.slow(seconds=700)
+@pytest.mark.slow(seconds=650)
 def test_distilled_student_beats_the_student_trained_alone(full_smoke_teacher, tmp_path):
     """Issue 4's acceptance: a ViT-nano/4 teacher distilled into ViT-pico/4 beats ViT-pico/4
     trained alone for the same 160 steps (k-NN top-1, all three printed)."""
