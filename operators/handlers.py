@@ -99,7 +99,7 @@ def progress(stages: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- lineage
-def open_lineage(spec: Mapping[str, Any], name: str, uid: str) -> str:
+def open_lineage(spec: Mapping[str, Any], name: str, uid: str, stages: list[Stage]) -> str:
     """The pipeline's MLflow parent run (journal ``<output>/lineage``, as ``dinoforge pipeline``
     keeps it); its key goes to every stage as DINOFORGE_LINEAGE_PARENT. An unreachable tracking
     server costs one warning: lineage.Lineage never raises on sync failures."""
@@ -111,7 +111,7 @@ def open_lineage(spec: Mapping[str, Any], name: str, uid: str) -> str:
                          tracking_uri=mlflow.get("trackingUri") or None, experiment=mlflow.get("experiment") or None,
                          tags={"dinoforge.pipeline": name})
         parent.params({"pool": spec["pool"], "output": spec["output"],
-                       "stages": ",".join(s.name for s in plan(spec, name))})
+                       "stages": ",".join(s.name for s in stages)})
     _lineages[uid] = parent
     return parent.key
 
@@ -126,13 +126,17 @@ def close_lineage(uid: str, status: str) -> None:
 
 
 # ----------------------------------------------------------------------------- jobs
-def find_job(name: str, namespace: str, stage: str, attempt: int) -> dict | None:
-    """The job of ``stage``'s ``attempt`` of pipeline ``name``, if one exists."""
-    labels = {PIPELINE_LABEL: name, STAGE_LABEL: stage, ATTEMPT_LABEL: str(attempt)}
+def labelled_jobs(namespace: str, labels: Mapping[str, str]) -> list[dict]:
+    """The Volcano Jobs in ``namespace`` carrying all of ``labels``."""
     selector = ",".join(f"{key}={value}" for key, value in labels.items())
     listed = api().list_namespaced_custom_object(*JOBS[:2], namespace, JOBS[2], label_selector=selector)["items"]
     # filtered here too: a real API server applies the selector, the test emulator does not
-    found = [job for job in listed if labels.items() <= (job["metadata"].get("labels") or {}).items()]
+    return [job for job in listed if labels.items() <= (job["metadata"].get("labels") or {}).items()]
+
+
+def find_job(name: str, namespace: str, stage: str, attempt: int) -> dict | None:
+    """The job of ``stage``'s ``attempt`` of pipeline ``name``, if one exists."""
+    found = labelled_jobs(namespace, {PIPELINE_LABEL: name, STAGE_LABEL: stage, ATTEMPT_LABEL: str(attempt)})
     return found[0] if found else None
 
 
@@ -202,7 +206,7 @@ def start(spec: Mapping[str, Any], name: str, uid: str, body: Mapping[str, Any],
     # A first job already there: this handler ran before, but its status patch was lost (or not
     # seen yet); carry on with that job's lineage parent rather than open a second one.
     first = find_job(name, body["metadata"]["namespace"], stages[0].name, 1)
-    parent = lineage_parent_of(first) if first else open_lineage(spec, name, uid)
+    parent = lineage_parent_of(first) if first else open_lineage(spec, name, uid, stages)
     stages = plan(spec, name, parent)
     new = {"stages": {s.name: {"phase": "Pending", "attempts": 0, "output": s.output} for s in stages},
            "lineageParent": parent, "conditions": []}
@@ -249,10 +253,7 @@ def advance(spec: Mapping[str, Any], name: str, namespace: str, uid: str, body: 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 def delete_jobs(name: str, namespace: str, uid: str, logger: logging.Logger, **_: Any) -> None:
-    listed = api().list_namespaced_custom_object(*JOBS[:2], namespace, JOBS[2],
-                                                 label_selector=f"{PIPELINE_LABEL}={name}")["items"]
-    # filtered here too: the selector is all a real API server needs, but costs nothing to re-check
-    for job in [j for j in listed if (j["metadata"].get("labels") or {}).get(PIPELINE_LABEL) == name]:
+    for job in labelled_jobs(namespace, {PIPELINE_LABEL: name}):
         try:
             api().delete_namespaced_custom_object(*JOBS[:2], namespace, JOBS[2], job["metadata"]["name"])
         except ApiException as error:
