@@ -42,6 +42,11 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [doc for doc in docs if doc["kind"] == kind]
 
 
+def env_of(container: dict) -> dict:
+    """A container's env as name -> value (or its valueFrom)."""
+    return {var["name"]: var.get("value", var.get("valueFrom")) for var in container.get("env", [])}
+
+
 class Chart:
     """One chart under helm/: its examples, rendering and rejected values."""
 

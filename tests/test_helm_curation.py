@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helm_chart import KUBE_VERSIONS, Chart, by_kind, helm
+from helm_chart import KUBE_VERSIONS, Chart, by_kind, env_of, helm
 
 CHART = Chart("dinov2-curation")
 EXAMPLES = CHART.examples
@@ -36,10 +36,6 @@ def job_of(docs: list[dict]) -> dict:
 def container(pod_spec: dict) -> dict:
     (only,) = pod_spec["containers"]
     return only
-
-
-def env_of(container: dict) -> dict:
-    return {var["name"]: var.get("value", var.get("valueFrom")) for var in container.get("env", [])}
 
 
 def worker_script(docs: list[dict]) -> str:

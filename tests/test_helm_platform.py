@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helm_chart import KUBE_VERSIONS, ROOT, Chart, by_kind
+from helm_chart import KUBE_VERSIONS, ROOT, Chart, by_kind, env_of
 
 CHART = Chart("dinoforge-platform")
 CURATION = Chart("dinov2-curation")
@@ -121,10 +121,6 @@ def test_crd_validation_catches_unknown_fields_and_wrong_types():
 def container(docs: list[dict]) -> dict:
     (only_container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     return only_container
-
-
-def env_of(container: dict) -> dict:
-    return {var["name"]: var.get("value", var.get("valueFrom")) for var in container.get("env", [])}
 
 
 def test_defaults_deploy_nothing_and_publish_the_existing_tracking_uri():
