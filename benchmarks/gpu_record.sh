@@ -3,9 +3,9 @@
 # `dinoforge bench` for the two anchored recipes, every variant on top of our eager step, a
 # loss-curve check and an operator profile, on the device's own PyTorch (no install: the package
 # is laid out under /tmp as setup.py maps it). Writes $OUT/<preset>.json, logs and profiles.
-# QUICK=1 times only the baseline and the compiled step (no curve, no profile); PRESETS picks
-# the recipes (default "vits14 vitl14"). A full run took 340 s on an H200; compilation is ~1.6x
-# slower on the H100 machine (95 s for ViT-S).
+# QUICK=1 times only the baseline and the compiled step (no curve; the profile is of the model
+# just timed, so it costs 3 steps); PRESETS picks the recipes (default "vits14 vitl14"). A full
+# run took 340 s on an H200; compilation is ~1.6x slower on the H100 machine (95 s for ViT-S).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dinoforge-record}
@@ -15,10 +15,11 @@ export PYTHONPATH=/tmp/pk
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, dinoforge.bench; print(torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt" || exit 1
 bench() {  # preset batch anchor curve-steps
+    extra=(--profile "$OUT/$1.profile.txt")
     if [ "${QUICK:-0}" = 1 ]; then
-        extra=(--variants baseline,compile)
+        extra+=(--variants baseline,compile)
     else
-        extra=(--curve "$4" --profile "$OUT/$1.profile.txt")
+        extra+=(--curve "$4")
     fi
     python3 -m dinoforge.cli bench --preset "$1" --batch "$2" --steps 10 --warmup 3 --anchor "$3" "${extra[@]}" \
         --record "$OUT/$1.json" 2>&1 | tee "$OUT/$1.log"

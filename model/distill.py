@@ -115,12 +115,12 @@ class DistillMetaArch(nn.Module):
         return self._targets(cls_logits, temperature, "dino_center"), self._targets(patch_logits, temperature, "ibot_center")
 
     def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor | None,
-                teacher_temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
+                teacher_temperature: float, mask_rows: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """global_crops (2B, 3, G, G) and local_crops (nL*B, 3, L, L) are crop-major, as for
-        ``SSLMetaArch``. ``masks`` is accepted for the same interface and ignored: nothing is
+        ``SSLMetaArch``. ``masks`` and ``mask_rows`` are accepted for the same interface and ignored: nothing is
         masked, and the iBOT loss covers every patch of the global crops, each image weighted
         equally. Returns the total loss and its detached parts."""
-        del masks  # no masking in distillation
+        del masks, mask_rows  # no masking in distillation
         dino_targets, ibot_targets = self.teacher_targets(global_crops, teacher_temperature)
 
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])

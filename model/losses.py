@@ -31,36 +31,34 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, n_iterations: int
     Sinkhorn-Knopp centering (SwAV; DINOv2 §3): alternately rescale so that every prototype gets
     mass 1/K and every sample mass 1/B_total, then scale samples back to probability rows.
     The matrix is kept in (B, K) layout, so SwAV's "rows" (prototypes) are dim 0 sums here.
-    Prototype sums, total mass and B_total are all-reduced, so N ranks holding disjoint slices of
+    The global max, prototype sums and B_total are all-reduced, so N ranks holding disjoint slices of
     a batch (of any sizes, including empty) give exactly the single-process result on the batch.
     """
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
     with torch.autocast(teacher_logits.device.type, enabled=False):  # the matrix-vector products stay fp32
         scaled = teacher_logits.float() / temperature
-        # Subtracting the global max cancels in the first normalisation but keeps exp() <= 1;
-        # the official code skips it and overflows fp32 once logits/temperature > 88. (Underflow remains:
-        # a sample whose logits all sit more than ~87 * temperature below the global max gets a zero row.)
-        local_max = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
-        global_max = _all_reduce(local_max.reshape(1), dist.ReduceOp.MAX)
-        q = torch.exp(scaled - global_max)
+        n_samples, n_prototypes = scaled.shape
+        # The matrix is stored once, each row shifted by its own max (exp() <= 1, and no row
+        # underflows to zeros), and read by matrix-vector products only: in the compiled step the
+        # shift, exp() and the store are one pass over the (bf16) logits. The iterate is
+        # q_ij * exp(m_i - m) * sample_scale_i * prototype_scale_j for the global max m, so the
+        # per-row shifts fold into the starting sample scales. (The official code shifts by
+        # nothing and overflows fp32 once logits/temperature > 88.)
+        row_max = scaled.amax(dim=1, keepdim=True) if n_prototypes else scaled.new_zeros((n_samples, 1))
+        q = torch.exp(scaled - row_max)
         del scaled
-
-        n_samples, n_prototypes = q.shape
-        # One collective for both scalars: total mass and B_total (ranks may hold different B).
-        mass_and_count = _all_reduce(torch.stack([q.sum(), q.new_tensor(float(n_samples))]))
-        total_mass, b_total = mass_and_count[0], mass_and_count[1]
-        # The iterate is q_ij * sample_scale_i * prototype_scale_j, so only the two scale vectors
-        # change: each half-step is one matrix-vector product (one read of q) instead of a sum
-        # and a division over the whole (B, K) matrix. The start (total mass 1, SwAV's transport
-        # polytope) only fixes the intermediate scales; it cancels in the normalisations.
-        sample_scale = q.new_full((n_samples, 1), 1.0) / total_mass
-        prototype_scale = q.new_ones((1, n_prototypes))
+        local_max = row_max.max() if n_samples else row_max.new_tensor(float("-inf"))
+        global_max = _all_reduce(local_max.reshape(1), dist.ReduceOp.MAX)
+        b_total = _all_reduce(row_max.new_tensor([float(n_samples)]))  # ranks may hold different B
+        sample_scale = torch.exp(row_max - global_max)
+        # SwAV starts from total mass 1; that only scales the first iterate and cancels below.
         for _ in range(n_iterations):
-            # Each prototype (column here) gets total weight 1/K, summed over all ranks' samples.
-            prototype_sums = _all_reduce((sample_scale.t() @ q) * prototype_scale)
-            prototype_scale = prototype_scale / (prototype_sums * n_prototypes)
+            # Each prototype (column here) gets total weight 1/K, summed over all ranks' samples:
+            # prototype_scale_j = 1 / (K * sum_i q_ij sample_scale_i).
+            prototype_scale = 1.0 / (_all_reduce(sample_scale.t() @ q) * n_prototypes)
             # Each sample gets total weight 1/B_total; samples are rank-local, so no reduction.
-            sample_sums = (q @ prototype_scale.t()) * sample_scale
-            sample_scale = sample_scale / (sample_sums * b_total)
+            sample_scale = 1.0 / ((q @ prototype_scale.t()) * b_total)
 
         # rows sum to 1: a soft assignment per sample
         return q.mul_(sample_scale * b_total).mul_(prototype_scale)
@@ -126,16 +124,23 @@ def dino_loss(student_logits: Tensor, teacher_probs: Tensor, student_temperature
 
 
 def _ibot_token_weights(n_rows: int, teacher_probs: Tensor, masks: Tensor) -> Tensor:
-    """(M,) weight of each masked patch: 1 / (its image's masked count * N_img)."""
+    """(M,) weight of each masked patch: 1 / (its image's masked count * N_img).
+
+    The owner image of masked row r is found by a sorted search of r in the running masked
+    counts, so M comes from the tensors' shapes and nothing waits for the device (a boolean
+    index or ``int(masks.sum())`` would block the host until the GPU caught up, and break a
+    compiled graph in two). The consistency check with the masks does read the count, so it
+    runs in eager mode only.
+    """
     masks = masks.bool()
-    n_masked = int(masks.sum())
-    if n_rows != n_masked or teacher_probs.shape[0] != n_masked:
-        raise ValueError(
-            f"{n_rows} student rows and teacher_probs {tuple(teacher_probs.shape)} must both have "
-            f"M = {n_masked} masked patches"
-        )
-    per_image_weight = 1.0 / masks.sum(dim=-1).clamp(min=1).to(torch.promote_types(teacher_probs.dtype, torch.float32))
-    return per_image_weight[:, None].expand_as(masks)[masks] / masks.shape[0]  # row-major mask order
+    if teacher_probs.shape[0] != n_rows:
+        raise ValueError(f"{n_rows} student rows and teacher_probs {tuple(teacher_probs.shape)} differ in M")
+    counts = masks.sum(dim=-1)
+    if not torch.compiler.is_compiling() and int(counts.sum()) != n_rows:
+        raise ValueError(f"{n_rows} rows given for M = {int(counts.sum())} masked patches")
+    owner = torch.searchsorted(counts.cumsum(0), torch.arange(n_rows, device=masks.device), right=True)
+    dtype = torch.promote_types(teacher_probs.dtype, torch.float32)
+    return 1.0 / (counts.clamp(min=1).to(dtype)[owner] * masks.shape[0])  # row-major mask order
 
 
 def ibot_loss(

@@ -102,3 +102,9 @@ def sample_masks(
         ratio = bounds[i] + (bounds[i + 1] - bounds[i]) * u
         masks[i] = block_mask(grid, int(n_patches * ratio), generator).view(-1)
     return masks[torch.randperm(n_images, generator=generator)]
+
+
+def masked_rows(masks: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the masked patches, (M,) in row-major order: the rows of the iBOT
+    logits and targets."""
+    return masks.flatten().nonzero().squeeze(1)

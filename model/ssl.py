@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.losses import (SoftmaxCentering, dino_loss, dino_loss_fused, ibot_loss, ibot_loss_fused, koleo_loss,
                                    sinkhorn_knopp)
+from dinoforge.model.masking import masked_rows
 from dinoforge.model.vit import DinoVisionTransformer
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
@@ -53,6 +54,8 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
         low, high = self.mask_ratio_min_max
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {self.mask_ratio_min_max}")
@@ -154,12 +157,16 @@ class SSLMetaArch(nn.Module):
         patch_logits = self.teacher["ibot_head"](patches)
         return self._targets(cls_logits, temperature, "dino_center"), self._targets(patch_logits, temperature, "ibot_center")
 
-    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor, teacher_temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor, teacher_temperature: float,
+                mask_rows: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """global_crops (2B, 3, G, G) and local_crops (nL*B, 3, L, L) are crop-major
-        (all images' crop 0, then crop 1, ...); masks (2B, patches) bool.
+        (all images' crop 0, then crop 1, ...); masks (2B, patches) bool; ``mask_rows`` their
+        ``masks.flatten().nonzero()``, best found where the masks were drawn (on the host):
+        finding them on the GPU makes the host wait for the device at every step.
         Returns the total loss and its detached parts."""
         batch = global_crops.shape[0] // 2
-        mask_rows = masks.flatten().nonzero().squeeze(1)
+        if mask_rows is None:
+            mask_rows = masked_rows(masks)
         dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_rows, teacher_temperature)
 
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])

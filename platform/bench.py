@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinoforge.config import Config, load_config
 from dinoforge.distributed import PRECISIONS, World
-from dinoforge.model.masking import sample_masks
+from dinoforge.model.masking import masked_rows, sample_masks
 from dinoforge.model.optim import apply_schedules
 from dinoforge.train import build_meta_arch, build_optimizer, prepare_model, train_step
 
@@ -51,6 +51,7 @@ def variant_overrides(name: str) -> list[str]:
 class Batch:
     crops: dict[str, torch.Tensor]
     masks: torch.Tensor
+    mask_rows: torch.Tensor  # found on the host, as the trainer does
 
 
 def synthetic_batches(cfg: Config, batch: int, device: torch.device, count: int = 3, seed: int = 0) -> list[Batch]:
@@ -65,7 +66,7 @@ def synthetic_batches(cfg: Config, batch: int, device: torch.device, count: int 
         if n_local:
             crops["local_crops"] = torch.randn(n_local * batch, 3, local, local, generator=g)
         masks = sample_masks(2 * batch, (grid, grid), g, cfg.objective.mask_probability, cfg.objective.mask_ratio_min_max)
-        batches.append(Batch({k: v.to(device) for k, v in crops.items()}, masks.to(device)))
+        batches.append(Batch({k: v.to(device) for k, v in crops.items()}, masks.to(device), masked_rows(masks).to(device)))
     return batches
 
 
@@ -104,7 +105,7 @@ class Step:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         losses = train_step(self.model, self.optimizer, batch.crops, batch.masks, STEP_VALUES, self.cfg.optim.clip_grad,
-                            self.autocast_dtype)
+                            self.autocast_dtype, batch.mask_rows)
         return losses["loss"]
 
 
@@ -156,8 +157,9 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
         precision: str, variants: list[str], curve_steps: int = 0, anchor: float | None = None, profile: str | None = None,
         report=print) -> dict:
     """Times ``variants`` and returns the record; ``report`` gets one JSON line per result. With
-    ``curve_steps`` the last variant's loss curve is compared with the first's; the fastest
-    variant is profiled into the file ``profile``."""
+    ``curve_steps`` the last variant's loss curve is compared with the first's; the last
+    variant (the most levers) is profiled into the file ``profile`` on the model just timed, so
+    nothing is compiled again."""
     base = load_config(preset, overrides)
     batch = batch or base.train.batch_size_per_gpu
     autocast_dtype = PRECISIONS[precision]
@@ -183,6 +185,9 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
         result["mfu"] = result["tflops"] / peak
         record["variants"][name] = result
         report(json.dumps({"variant": name, **{k: round(v, 4) for k, v in result.items()}}))
+        if profile and name == variants[-1]:
+            with open(profile, "w") as handle:
+                handle.write(profile_table(step, batches, device))
         del step
         _release(device)
     first = variants[0]
@@ -195,17 +200,11 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
     if curve_steps:
         record["curve"] = compare_curves(preset, overrides, batches, curve_steps, device, autocast_dtype, first, variants[-1])
         report(json.dumps({"curve": record["curve"]}))
-    if profile:
-        cfg = load_config(preset, overrides + variant_overrides(best))
-        with open(profile, "w") as handle:
-            handle.write(profile_table(Step(cfg, device, autocast_dtype), batches, device))
     return record
 
 
 def profile_table(step: Step, batches: list[Batch], device: torch.device, steps: int = 3) -> str:
-    """The most expensive operators over ``steps`` steps after a warm-up, by device time."""
-    for i in range(3):
-        step(batches[i % len(batches)])
+    """The most expensive operators over ``steps`` steps of a warmed-up step, by device time."""
     _sync(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:

@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", type=int, default=0, metavar="STEPS", help="also compare the last variant's loss curve with the first's")
     p.add_argument("--anchor", type=float, default=None, help="reference images/s to print the last variant's ratio against")
     p.add_argument("--record", default=None, help="write the record (JSON) to this file")
-    p.add_argument("--profile", default=None, help="write the fastest variant's operator profile to this file")
+    p.add_argument("--profile", default=None, help="write the last variant's operator profile to this file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("lineage", help="MLflow lineage journals")

@@ -25,7 +25,7 @@ from dinoforge.data.stream import MASK_STREAM, RANK_STREAM, SkipLedger, multicro
 from dinoforge.distributed import PRECISIONS, World, close_world, init_world, shard_model
 from dinoforge.telemetry import Telemetry
 from dinoforge.model.augment import MultiCropAugmentation
-from dinoforge.model.masking import sample_masks
+from dinoforge.model.masking import masked_rows, sample_masks
 from dinoforge.model.optim import apply_schedules, param_groups
 from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
 from dinoforge.export import backbone_from_config, load_teacher
@@ -93,13 +93,14 @@ def _unique_modules(modules) -> list[torch.nn.Module]:
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, masks: torch.Tensor, values: dict,
-               clip_grad: float, autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+               clip_grad: float, autocast_dtype: torch.dtype | None = None,
+               mask_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Forward (under autocast when ``autocast_dtype`` is set), backward with gradient clipping
     per student module, AdamW, EMA teacher. Returns the detached losses (tensors: reading them
-    would synchronise a GPU)."""
+    would synchronise a GPU). ``mask_rows``: see ``SSLMetaArch.forward``."""
     device_type = batch["global_crops"].device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss, parts = model(batch["global_crops"], batch.get("local_crops"), masks, values["teacher_temp"])
+        loss, parts = model(batch["global_crops"], batch.get("local_crops"), masks, values["teacher_temp"], mask_rows)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -304,7 +305,9 @@ def _train(cfg: Config, output: str, max_steps: int | None, progress: bool, worl
                 torch.Generator().manual_seed(mask_seed),
                 cfg.objective.mask_probability,
                 cfg.objective.mask_ratio_min_max,
-            ).to(device)
+            )
+            mask_rows = masked_rows(masks).to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
             values = {
                 "lr": schedules.lr(step),
                 "wd": schedules.weight_decay(step),
@@ -312,7 +315,7 @@ def _train(cfg: Config, output: str, max_steps: int | None, progress: bool, worl
                 "teacher_temp": schedules.teacher_temp(step),
             }
             apply_schedules(optimizer, values["lr"], schedules.last_layer_lr(step), values["wd"])
-            losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad, autocast_dtype)
+            losses = train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad, autocast_dtype, mask_rows)
             telemetry.train_step(batch_size, time.perf_counter() - step_started, data_seconds)
             done = step + 1
             log_now = done % cfg.train.log_period == 0 or done == end_step

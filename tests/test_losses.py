@@ -60,6 +60,37 @@ def test_sinkhorn_is_stable_for_huge_logits_over_temperature():
     torch.testing.assert_close(shifted, sinkhorn_knopp(logits, temperature=0.1), atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_sinkhorn_agrees_with_eager_for_any_row_count():
+    """Compiled, the passes recompute exp() from the logits (no stored fp32 matrix); the result
+    is the eager one and the (dynamic) row count changes without recompiling."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(sinkhorn_knopp, dynamic=True)
+    torch.manual_seed(5)
+    for rows in (53, 71):
+        logits = torch.randn(rows, 96).bfloat16()
+        out = compiled(logits, 0.07, 3)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, sinkhorn_knopp(logits, 0.07, 3), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, reference_sinkhorn(logits.float(), 0.07, 3), atol=1e-6, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_sinkhorn_row_far_below_the_global_max_still_gets_a_distribution():
+    # exp(-3000) underflows even in float64, so shifting every row by the global max alone would
+    # zero this row and divide 0 by 0; each row is shifted by its own max instead.
+    logits = torch.randn(6, 12)
+    logits[2] -= 300.0
+    out = sinkhorn_knopp(logits, temperature=0.1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(6))
+
+
+def test_sinkhorn_rejects_zero_iterations():
+    with pytest.raises(ValueError, match="n_iterations >= 1"):
+        sinkhorn_knopp(torch.randn(4, 8), temperature=0.1, n_iterations=0)
+
+
 def test_sinkhorn_bf16_input_is_computed_in_fp32():
     torch.manual_seed(3)
     logits = torch.randn(8, 16).bfloat16()
@@ -230,6 +261,28 @@ def test_ibot_loss_matches_per_image_loop_in_mask_order():
     torch.testing.assert_close(ibot_loss(student, teacher, masks), expected / 4)
     with pytest.raises(ValueError):
         ibot_loss(student[:-1], teacher[:-1], masks)
+
+
+def test_compiled_ibot_loss_is_one_graph_and_matches_eager():
+    """No host sync inside: the owner image of each masked row comes from a sorted search, not
+    from a boolean index or a read of the masked count, so the compiled loss is one graph."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(8)
+    compiled = torch.compile(ibot_loss, dynamic=True)
+    for _ in range(2):
+        masks = torch.rand(6, 16) < 0.3
+        masks[1] = False
+        m = int(masks.sum())
+        student, teacher = torch.randn(m, 10, requires_grad=True), F.softmax(torch.randn(m, 10), -1)
+        got = compiled(student, teacher, masks)
+        (grad,) = torch.autograd.grad(got, student)
+        want = ibot_loss(student, teacher, masks)
+        (want_grad,) = torch.autograd.grad(want, student)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, want_grad)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 # ---------------------------------------------------------------- fused prototype layer + loss
