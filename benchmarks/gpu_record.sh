@@ -5,7 +5,8 @@
 # is laid out under /tmp as setup.py maps it). Writes $OUT/<preset>.json, logs and profiles.
 # QUICK=1 times only the baseline and the compiled step (no curve; the profile is of the model
 # just timed, so it costs 3 steps); PRESETS picks the recipes (default "vits14 vitl14"). A full
-# run took 340 s on an H200; compilation is ~1.6x slower on the H100 machine (95 s for ViT-S).
+# run took 340 s on an H200. On the H100 machine a QUICK run of both presets took 170-250 s:
+# compiling took 59-95 s per preset on a fresh machine, 45 s on a warm one (Inductor's cache).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dinoforge-record}
