@@ -17,6 +17,7 @@ CHART = Chart("dinoforge-operator")
 CRD = CHART.path / "crds" / "dinopipelines.dinoforge.io.yaml"
 EXAMPLES = CHART.examples
 KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+NAMESPACED_KINDS = {"ServiceAccount", "Role", "RoleBinding", "Deployment"}  # with operator.watchNamespaces
 render = CHART.render
 
 
@@ -30,7 +31,8 @@ def test_every_rendered_object_and_the_crd_are_valid_at_the_oldest_and_newest_ku
     assert EXAMPLES, "no example values file"
     for version in KUBE_VERSIONS:
         docs = render(values, kube_version=version, include_crds=True)
-        assert {doc["kind"] for doc in docs} == KINDS | {"CustomResourceDefinition"}
+        namespaced = values and yaml.safe_load((CHART.path / "examples" / values).read_text())["operator"].get("watchNamespaces")
+        assert {doc["kind"] for doc in docs} == (NAMESPACED_KINDS if namespaced else KINDS) | {"CustomResourceDefinition"}
         for doc in docs:
             kubernetes_validate.validate(doc, version, strict=True)
 
@@ -57,8 +59,27 @@ def test_the_deployment_is_hardened_probed_and_runs_the_operator():
     assert deployment["spec"]["replicas"] == 1
 
 
+def test_watched_namespaces_get_a_role_each_and_the_operator_their_names():
+    docs = render(None, "operator.watchNamespaces={ml,research}")
+    (deployment,) = [doc for doc in docs if doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-4:] == ["--namespace", "ml", "--namespace", "research"]
+    roles = {doc["metadata"]["namespace"]: doc for doc in docs if doc["kind"] == "Role"}
+    bindings = {doc["metadata"]["namespace"]: doc for doc in docs if doc["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"ml", "research"}
+    (cluster_role,) = [doc for doc in render() if doc["kind"] == "ClusterRole"]
+    for namespace, binding in bindings.items():
+        assert roles[namespace]["rules"] == cluster_role["rules"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles[namespace]["metadata"]["name"]}
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "ml"  # the release's namespace
+    assert not {doc["kind"] for doc in docs} & {"ClusterRole", "ClusterRoleBinding"}
+
+
 @pytest.mark.parametrize("setting, named", [
     ("operator.intervalSeconds=0", "intervalSeconds"),
+    ("operator.watchNamespaces={Team_A}", "watchNamespaces"),
     ("operator.livenessPort=70000", "livenessPort"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("watchNamespace=ml", "watchNamespace"),

@@ -9,6 +9,7 @@ collector (the emulator has none: deletion is the operator's explicit deletes), 
 the API server's own schema validation (the emulator stores any body)."""
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
@@ -78,8 +79,10 @@ def kubeconfig(path: Path, url: str, token: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def emulator():
+@contextlib.contextmanager
+def emulated_api_server():
+    """kmock's Kubernetes emulator with the resources the operator uses, served over HTTP from a
+    thread; yields its url, its RecordingAPI and the loop."""
     serving, server = threading.Event(), {}
 
     async def serve() -> None:
@@ -102,24 +105,31 @@ def emulator():
     thread = threading.Thread(target=asyncio.run, args=(serve(),))
     thread.start()
     assert serving.wait(30)
-    yield server
-    server["loop"].call_soon_threadsafe(server["stop"].set)
-    thread.join(30)
+    try:
+        yield server
+    finally:
+        server["loop"].call_soon_threadsafe(server["stop"].set)
+        thread.join(30)
 
 
 @pytest.fixture(scope="module")
-def cluster(emulator, tmp_path_factory):
-    """The operator (``kopf run -m dinoforge.operators.handlers``) running against the emulator
-    while the module's tests run; yields the test's own API client."""
+def emulator():
+    with emulated_api_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_operator(emulator: dict, folder: Path, scope: list[str]):
+    """The operator (``kopf run -m dinoforge.operators.handlers``, watching ``scope``: kopf's
+    ``--all-namespaces`` or ``--namespace=...``) running against the emulator; yields the
+    test's own API client."""
     from kopf.testing import KopfRunner
 
-    folder = tmp_path_factory.mktemp("kube")
     saved = {key: os.environ.get(key) for key in ("KUBECONFIG", "DINOFORGE_OPERATOR_INTERVAL")}
     os.environ["KUBECONFIG"] = str(kubeconfig(folder / "operator", emulator["url"], OPERATOR_TOKEN))
     os.environ["DINOFORGE_OPERATOR_INTERVAL"] = "0.2"
-    args = ["run", "--standalone", "--all-namespaces", "-m", "dinoforge.operators.handlers"]
     try:
-        with KopfRunner(args, timeout=30) as runner:
+        with KopfRunner(["run", "--standalone", *scope, "-m", "dinoforge.operators.handlers"], timeout=30) as runner:
             yield CustomObjectsApi(new_client_from_config(str(kubeconfig(folder / "test", emulator["url"], "test"))))
     finally:
         for key, value in saved.items():
@@ -128,6 +138,13 @@ def cluster(emulator, tmp_path_factory):
             else:
                 os.environ[key] = value
     assert runner.exit_code == 0, runner.output[-4000:]
+
+
+@pytest.fixture(scope="module")
+def cluster(emulator, tmp_path_factory):
+    """The operator watching all namespaces while the module's tests run."""
+    with running_operator(emulator, tmp_path_factory.mktemp("kube"), ["--all-namespaces"]) as api:
+        yield api
 
 
 def wait_for(what: str, probe: Callable[[], object], timeout: float = 30) -> object:
