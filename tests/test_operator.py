@@ -345,12 +345,17 @@ def test_deleting_a_pipeline_deletes_its_jobs(cluster, tmp_path):
     ran.add("delete")
 
 
+def rules_of(role: dict) -> set[tuple[str, str, str]]:
+    """A (Cluster)Role's rules as (apiGroup, resource, verb) triples, as RecordingAPI records calls."""
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
 def test_the_chart_grants_exactly_what_the_operator_called(cluster, emulator):
     if ran != SCENARIOS:
         pytest.skip(f"needs the scenarios above in the same run (missing: {sorted(SCENARIOS - ran)})")
     (role,) = [doc for doc in render() if doc["kind"] == "ClusterRole"]
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
+    granted = rules_of(role)
     called = set(emulator["api"].calls)
     assert called == granted, {"granted, never called": granted - called, "called, not granted": called - granted}
 

@@ -7,13 +7,8 @@ for its whole module, and two kopf operators should not share one process.)"""
 import time
 
 from test_helm_operator import render
-from test_operator import (GROUP, JOBS, PLURAL, VERSION, emulated_api_server, finish, get, pipeline, running_operator,
-                           stage_job)
-
-
-def rules_of(doc: dict) -> set[tuple[str, str, str]]:
-    return {(group, resource, verb) for rule in doc["rules"] for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"]}
+from test_operator import (GROUP, JOBS, PLURAL, VERSION, emulated_api_server, finish, get, pipeline, rules_of,
+                           running_operator, stage_job)
 
 
 def test_an_operator_watching_one_namespace_leaves_the_others_alone(tmp_path):
