@@ -1,6 +1,9 @@
 """Learning is real: features trained with the full objective beat the same network at
 random initialisation on Fashion-MNIST k-NN (cosine, k=20, T=0.07)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ from dinoforge.cli import knn_eval
 from dinoforge.eval.features import labelled_images
 from dinoforge.config import load_config
 from dinoforge.export import build_from_meta, export_backbone, load_backbone
-from dinoforge.train import pretrain
+from dinoforge.train import build_meta_arch, pretrain
 
 
 def test_short_training_beats_random_init(tmp_path):
@@ -48,3 +51,31 @@ def test_smoke_preset_acceptance(smoke_run):
     assert summary["knn_top1_trained"] >= training_init + 10
     # Regression guard, not the acceptance bar (README, "Measured").
     assert summary["knn_top1_trained"] >= layerscale1 + 5
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layerscale_1e5_makes_the_teacher_targets_uniform_at_init():
+    """Why the old smoke recipe's DINO loss sat at log K (issue 23): at LayerScale 1e-5 every
+    block is nearly off, so every image has the same teacher CLS and Sinkhorn-Knopp turns
+    identical rows into exactly uniform targets, at any teacher temperature. At LayerScale 1 the
+    CLS differs between images and a sharp teacher temperature gives non-uniform targets."""
+    probe_statistics = _benchmark("ablations").probe_statistics
+    stats = {}
+    for layerscale in (1e-5, 1.0):
+        cfg = load_config("smoke", [f"model.layerscale_init={layerscale}"])
+        torch.manual_seed(0)
+        model = build_meta_arch(cfg)
+        stats[layerscale] = {t: probe_statistics(model, cfg, t) for t in (0.07, 0.02)}
+    print(stats)
+    for t in (0.07, 0.02):
+        assert stats[1e-5][t]["cls_cos"] > 0.999 and stats[1e-5][t]["target_entropy"] > 0.9999
+    assert stats[1.0][0.02]["cls_cos"] < 0.9 and stats[1.0][0.02]["target_entropy"] < 0.95
