@@ -1,5 +1,17 @@
-"""DINOv2 models and objective: ``from dinoforge.model import build_backbone``."""
+"""``model/`` is imported as ``dinoforge.model`` (setup.py maps the folder): the ViT, its heads
+and losses, and the DINOv2 objective (``from dinoforge.model import build_backbone``).
 
-from dinoforge.model.vit import ARCHS, DinoVisionTransformer, build_backbone
+spec.py       the architecture registry (ARCHS), BackboneSpec, ModelConfig, build_backbone
+vit.py        DinoVisionTransformer (official parameter names), packed multi-crop forward
+layers.py     attention, MLP / SwiGLU, LayerScale, blocks with packed stochastic depth
+heads.py      DINOHead: MLP, bottleneck, weight-normalised prototypes
+losses.py     DINO, iBOT (+ fused prototype variants), KoLeo, Sinkhorn-Knopp, softmax centering
+ssl.py        ObjectiveConfig, SSLMetaArch: student + EMA teacher (pretraining)
+distill.py    DistillMetaArch: frozen teacher, student, spare EMA (distillation)
+augment.py, masking.py, optim.py, schedules.py: multi-crop augmentation, iBOT masks, AdamW groups, schedules
+"""
 
-__all__ = ["ARCHS", "DinoVisionTransformer", "build_backbone"]
+from dinoforge.model.spec import ARCHS, BackboneSpec, build_backbone
+from dinoforge.model.vit import DinoVisionTransformer
+
+__all__ = ["ARCHS", "BackboneSpec", "DinoVisionTransformer", "build_backbone"]

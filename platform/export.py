@@ -11,33 +11,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dinoforge.checkpoint import read_trainer_state, resolve_checkpoint
-from dinoforge.config import Config, ModelConfig, build
+from dinoforge.config import Config, build
 from dinoforge.model.distill import random_frozen_heads
 from dinoforge.model.heads import DINOHead
+from dinoforge.model.spec import BackboneSpec, official_spec
 from dinoforge.model.ssl import _heads
-from dinoforge.model.vit import ARCHS, DinoVisionTransformer, build_backbone
-
-# Keys of the JSON that are DinoVisionTransformer constructor arguments.
-ARCH_KEYS = (
-    "embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "num_register_tokens",
-    "ffn_layer", "layerscale_init", "interpolate_offset", "interpolate_antialias",
-)
-
-
-def backbone_from_config(model: ModelConfig, global_crops_size: int, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
-    return build_backbone(
-        model.arch,
-        patch_size=model.patch_size,
-        img_size=model.img_size or global_crops_size,
-        num_register_tokens=model.num_register_tokens,
-        ffn_layer=model.ffn_layer,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=model.drop_path_uniform,
-        layerscale_init=model.layerscale_init,
-        interpolate_offset=model.interpolate_offset,
-        interpolate_antialias=model.interpolate_antialias,
-        in_chans=model.in_chans,
-    )
+from dinoforge.model.vit import DinoVisionTransformer
 
 
 def _load_from_checkpoint(checkpoint_uri: str, modules: dict[str, torch.nn.Module]) -> None:
@@ -58,7 +37,7 @@ def load_teacher(cfg: Config) -> tuple[DinoVisionTransformer, DINOHead, DINOHead
     if not uri.endswith(".pth"):
         checkpoint = resolve_checkpoint(uri)
         teacher_cfg = build(Config, read_trainer_state(checkpoint)["config"])
-        backbone = backbone_from_config(teacher_cfg.model, teacher_cfg.crops.global_crops_size)
+        backbone = teacher_cfg.model.backbone(teacher_cfg.crops.global_crops_size).build()
         dino_head, ibot_head = _heads(backbone.embed_dim, teacher_cfg.objective)
         heads = {"teacher.dino_head": dino_head} | ({"teacher.ibot_head": ibot_head} if ibot_head is not dino_head else {})
         _load_from_checkpoint(checkpoint, {"teacher.backbone": backbone, **heads})
@@ -67,8 +46,7 @@ def load_teacher(cfg: Config) -> tuple[DinoVisionTransformer, DINOHead, DINOHead
         if fs.exists(meta_uri(uri)):
             backbone, _ = load_backbone(uri)
         elif cfg.distill.teacher_arch:
-            backbone = build_backbone(cfg.distill.teacher_arch, patch_size=14, img_size=518,
-                                      num_register_tokens=cfg.distill.teacher_registers)
+            backbone = official_spec(cfg.distill.teacher_arch, cfg.distill.teacher_registers).build()
             with fsspec.open(uri, "rb") as handle:
                 backbone.load_state_dict(torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True))
         else:
@@ -84,21 +62,11 @@ def meta_uri(weights_uri: str) -> str:
 
 
 def backbone_meta(cfg: Config) -> dict:
-    spec = ARCHS[cfg.model.arch]
+    """The JSON beside exported weights: the architecture (``BackboneSpec``) and how to feed it."""
     size = cfg.crops.global_crops_size
     return {
         "arch": cfg.model.arch,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": spec.num_heads,
-        "patch_size": cfg.model.patch_size,
-        "img_size": cfg.model.img_size or size,
-        "in_chans": cfg.model.in_chans,
-        "num_register_tokens": cfg.model.num_register_tokens,
-        "ffn_layer": cfg.model.ffn_layer or spec.ffn_layer,
-        "layerscale_init": cfg.model.layerscale_init,
-        "interpolate_offset": cfg.model.interpolate_offset,
-        "interpolate_antialias": cfg.model.interpolate_antialias,
+        **cfg.model.backbone(size).to_meta(),
         "image_size": size,
         "resize_size": round(size / cfg.data.eval_crop_ratio),
         "mean": list(cfg.crops.mean),
@@ -140,7 +108,7 @@ def _write(backbone: DinoVisionTransformer, meta: dict, weights_uri: str) -> Non
 
 
 def build_from_meta(meta: dict) -> DinoVisionTransformer:
-    return DinoVisionTransformer(**{key: meta[key] for key in ARCH_KEYS})
+    return BackboneSpec.from_meta(meta).build()
 
 
 def load_backbone(weights_uri: str, random_init: bool = False) -> tuple[DinoVisionTransformer, dict]:

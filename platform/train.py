@@ -28,7 +28,7 @@ from dinoforge.model.augment import MultiCropAugmentation
 from dinoforge.model.masking import masked_rows, sample_masks
 from dinoforge.model.optim import apply_schedules, param_groups
 from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
-from dinoforge.export import backbone_from_config, load_teacher
+from dinoforge.export import load_teacher
 from dinoforge.model.distill import DistillMetaArch
 from dinoforge.model.ssl import SSLMetaArch
 
@@ -40,11 +40,12 @@ log = logging.getLogger("dinoforge.train")
 
 def build_meta_arch(cfg: Config) -> SSLMetaArch | DistillMetaArch:
     """Self-supervised pretraining, or distillation when ``distill.teacher`` is set."""
+    spec = cfg.model.backbone(cfg.crops.global_crops_size)
     if cfg.distill.teacher:
         teacher, dino_head, ibot_head = load_teacher(cfg)
-        student = backbone_from_config(cfg.model, cfg.crops.global_crops_size, drop_path_rate=0.0)
+        student = spec.build(drop_path_rate=0.0)
         return DistillMetaArch(student, teacher, dino_head, ibot_head, cfg.objective)
-    make = partial(backbone_from_config, cfg.model, cfg.crops.global_crops_size)
+    make = partial(spec.build, drop_path_uniform=cfg.model.drop_path_uniform)
     return SSLMetaArch(make, cfg.model.drop_path_rate, cfg.objective)
 
 

@@ -8,7 +8,7 @@ from dinoforge.model.distill import DistillMetaArch, random_frozen_heads
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.losses import dino_loss, ibot_loss, sinkhorn_knopp
 from dinoforge.model.ssl import HeadConfig, ObjectiveConfig
-from dinoforge.model.vit import DinoVisionTransformer, build_backbone
+from dinoforge.model import DinoVisionTransformer, build_backbone
 
 K = 64
 HEAD = HeadConfig(n_prototypes=K, hidden_dim=32, bottleneck_dim=16)
