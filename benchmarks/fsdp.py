@@ -31,7 +31,7 @@ from train_step import synthetic_batch  # noqa: E402  (the sibling benchmark's d
 
 from dinoforge.config import load_config  # noqa: E402
 from dinoforge.distributed import close_world, init_world, shard_model  # noqa: E402
-from dinoforge.model.optim import param_groups  # noqa: E402
+from dinoforge.training.optim import param_groups  # noqa: E402
 from dinoforge.train import build_meta_arch, train_step  # noqa: E402
 
 

@@ -1,5 +1,7 @@
 """``model/`` is imported as ``dinoforge.model`` (setup.py maps the folder): the ViT, its heads
-and losses, and the DINOv2 objective (``from dinoforge.model import build_backbone``).
+and losses, and the DINOv2 objective (``from dinoforge.model import build_backbone``). The
+data side (augmentation, iBOT masks) lives in ``dinoforge.data``, the optimizer and schedules
+in ``dinoforge.training``.
 
 spec.py       the architecture registry (ARCHS), BackboneSpec, ModelConfig, build_backbone
 vit.py        DinoVisionTransformer (official parameter names), packed multi-crop forward
@@ -8,7 +10,6 @@ heads.py      DINOHead: MLP, bottleneck, weight-normalised prototypes
 losses.py     DINO, iBOT (+ fused prototype variants), KoLeo, Sinkhorn-Knopp, softmax centering
 ssl.py        ObjectiveConfig, SSLMetaArch: student + EMA teacher (pretraining)
 distill.py    DistillMetaArch: frozen teacher, student, spare EMA (distillation)
-augment.py, masking.py, optim.py, schedules.py: multi-crop augmentation, iBOT masks, AdamW groups, schedules
 """
 
 from dinoforge.model.spec import ARCHS, BackboneSpec, build_backbone

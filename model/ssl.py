@@ -20,7 +20,6 @@ from torch.distributed.tensor import DTensor
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.losses import (SoftmaxCentering, dino_loss, dino_loss_fused, ibot_loss, ibot_loss_fused, koleo_loss,
                                    sinkhorn_knopp)
-from dinoforge.model.masking import masked_rows
 from dinoforge.model.vit import DinoVisionTransformer
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
@@ -61,6 +60,12 @@ class ObjectiveConfig:
             raise ValueError(f"mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {self.mask_ratio_min_max}")
         if not 0.0 <= self.mask_probability <= 1.0:
             raise ValueError(f"mask_probability must be in [0, 1], got {self.mask_probability}")
+
+
+def masked_rows(masks: Tensor) -> Tensor:
+    """Flat indices of the masked patches, (M,) in row-major order: the rows of the iBOT
+    logits and targets."""
+    return masks.flatten().nonzero().squeeze(1)
 
 
 def _heads(embed_dim: int, cfg: ObjectiveConfig) -> tuple[DINOHead, DINOHead]:

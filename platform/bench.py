@@ -24,9 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinoforge.config import Config, load_config
 from dinoforge.distributed import PRECISIONS, World
-from dinoforge.model.masking import masked_rows, sample_masks
-from dinoforge.model.optim import apply_schedules
-from dinoforge.train import build_meta_arch, build_optimizer, prepare_model, train_step
+from dinoforge.data.masking import sample_masks
+from dinoforge.model.ssl import masked_rows
+from dinoforge.train import build_meta_arch, prepare_model, train_step
+from dinoforge.training.optim import apply_schedules, build_optimizer
 
 # Each variant's overrides on top of the preset; the baseline is our eager step.
 LEVERS = {

@@ -2,7 +2,7 @@
 
 The dataclass defaults are the official DINOv2 ``ssl_default_config.yaml`` values (the
 sections that belong to one part live with it: ``model`` in ``model/spec.py``, ``objective``
-in ``model/ssl.py``, ``crops`` in ``model/augment.py``); a preset
+in ``model/ssl.py``, ``crops`` in ``platform/data/augment.py``); a preset
 (``platform/presets/NAME.yaml``) lists only what differs. Every key is checked: an unknown
 key or a value of the wrong type fails at load time with the dotted key in the message.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dinoforge.model.augment import MultiCropSpec
+from dinoforge.data.augment import MultiCropSpec
 from dinoforge.model.spec import ModelConfig, official_spec
 from dinoforge.model.ssl import ObjectiveConfig
 

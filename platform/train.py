@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -21,16 +20,16 @@ from dinoforge.checkpoint import (Checkpointer, checkpoint_bytes, checkpoint_dig
 from dinoforge.config import Config, to_dict
 from dinoforge.data import open_source
 from dinoforge.data.storage import join
-from dinoforge.data.stream import MASK_STREAM, RANK_STREAM, SkipLedger, multicrop_loader, sample_seed
+from dinoforge.data.augment import MultiCropAugmentation
+from dinoforge.data.masking import step_masks
+from dinoforge.data.stream import RANK_STREAM, SkipLedger, multicrop_loader, sample_seed
 from dinoforge.distributed import PRECISIONS, World, close_world, init_world, shard_model
-from dinoforge.telemetry import Telemetry
-from dinoforge.model.augment import MultiCropAugmentation
-from dinoforge.model.masking import masked_rows, sample_masks
-from dinoforge.model.optim import apply_schedules, param_groups
-from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
 from dinoforge.export import load_teacher
 from dinoforge.model.distill import DistillMetaArch
-from dinoforge.model.ssl import SSLMetaArch
+from dinoforge.model.ssl import SSLMetaArch, masked_rows
+from dinoforge.telemetry import Telemetry
+from dinoforge.training.optim import apply_schedules, build_optimizer
+from dinoforge.training.schedules import Schedules
 
 if TYPE_CHECKING:
     from dinoforge.lineage import Lineage
@@ -47,41 +46,6 @@ def build_meta_arch(cfg: Config) -> SSLMetaArch | DistillMetaArch:
         return DistillMetaArch(student, teacher, dino_head, ibot_head, cfg.objective)
     make = partial(spec.build, drop_path_uniform=cfg.model.drop_path_uniform)
     return SSLMetaArch(make, cfg.model.drop_path_rate, cfg.objective)
-
-
-@dataclass(frozen=True)
-class Schedules:
-    """Per-step values of the official recipe; an "epoch" is ``optim.epoch_length`` steps."""
-
-    lr: CosineSchedule
-    weight_decay: CosineSchedule
-    momentum: CosineSchedule
-    teacher_temp: CosineSchedule
-    freeze_last_layer_steps: int
-
-    @classmethod
-    def from_config(cls, cfg: Config, total_batch_size: int) -> "Schedules":
-        o, t, epoch = cfg.optim, cfg.teacher, cfg.optim.epoch_length
-        total = cfg.total_steps
-        lr = sqrt_scaled_lr(o.base_lr, total_batch_size) if o.scaling_rule == "sqrt_wrt_1024" else o.base_lr
-        return cls(
-            lr=CosineSchedule(lr, o.min_lr, total, warmup_iters=o.warmup_epochs * epoch),
-            weight_decay=CosineSchedule(o.weight_decay, o.weight_decay_end, total),
-            momentum=CosineSchedule(t.momentum_teacher, t.final_momentum_teacher, total)
-            if cfg.distill.ema_momentum is None or not cfg.distill.teacher
-            else CosineSchedule(cfg.distill.ema_momentum, cfg.distill.ema_momentum, total),  # the spare EMA's
-            teacher_temp=CosineSchedule(
-                t.teacher_temp,
-                t.teacher_temp,
-                total,
-                warmup_iters=min(t.warmup_teacher_temp_epochs * epoch, total),
-                start_warmup_value=t.warmup_teacher_temp,
-            ),
-            freeze_last_layer_steps=o.freeze_last_layer_epochs * epoch,
-        )
-
-    def last_layer_lr(self, step: int) -> float:
-        return 0.0 if step < self.freeze_last_layer_steps else self.lr(step)
 
 
 def _unique_modules(modules) -> list[torch.nn.Module]:
@@ -175,14 +139,6 @@ def prepare_model(model: SSLMetaArch | DistillMetaArch, cfg: Config, world: Worl
                 block.compile(dynamic=False)
     if world.world_size > 1:
         shard_model(model, world, cfg.train.precision)
-
-
-def build_optimizer(model: SSLMetaArch | DistillMetaArch, cfg: Config) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-        betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-        fused=cfg.train.fused_optimizer or None,
-    )
 
 
 def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: bool = True) -> dict:
@@ -299,14 +255,8 @@ def _train(cfg: Config, output: str, max_steps: int | None, progress: bool, worl
             data_seconds = time.perf_counter() - step_started
             pending_skips += batch.pop("skipped")
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            mask_seed = sample_seed(sample_seed(cfg.train.seed, step, MASK_STREAM), world.rank, MASK_STREAM)
-            masks = sample_masks(
-                n_global_images,
-                (grid, grid),
-                torch.Generator().manual_seed(mask_seed),
-                cfg.objective.mask_probability,
-                cfg.objective.mask_ratio_min_max,
-            )
+            masks = step_masks(cfg.train.seed, step, world.rank, n_global_images, grid, cfg.objective.mask_probability,
+                               cfg.objective.mask_ratio_min_max)
             mask_rows = masked_rows(masks).to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
             values = {

@@ -24,7 +24,7 @@ from dinoforge.data.manifest import Manifest, ManifestError, rows_digest
 from dinoforge.data.sources import FashionMNIST, ManifestSource
 from dinoforge.data.storage import BlobReader, BlobRef, BytesCache
 from dinoforge.data.stream import SkipLedger, multicrop_loader
-from dinoforge.model.augment import MultiCropAugmentation, MultiCropSpec
+from dinoforge.data.augment import MultiCropAugmentation, MultiCropSpec
 from dinoforge.train import pretrain
 
 HEADER_REASONS = {"empty", "not_image", "too_large", "too_small"}  # found by import's header check

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from dinoforge.config import load_config
-from dinoforge.model.optim import apply_schedules, param_groups
-from dinoforge.train import Schedules, build_meta_arch
+from dinoforge.train import build_meta_arch
+from dinoforge.training.optim import apply_schedules, param_groups
+from dinoforge.training.schedules import Schedules
 
 TINY = ["model.arch=vit_nano", "objective.dino_head.n_prototypes=64", "objective.ibot_head.n_prototypes=64",
         "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32", "crops.local_crops_number=2"]

@@ -1,4 +1,15 @@
-"""Image data: manifests, importers and packed shards, robust decoding, the training stream."""
+"""``platform/data/`` is imported as ``dinoforge.data``: everything between stored images and
+the tensors a training step reads.
+
+manifest.py   content-addressed Parquet manifests (uri, size, hash, label, shard offsets)
+importers.py  folders / buckets / Fashion-MNIST -> manifests; packing into tar shards
+storage.py    image bytes through fsspec (ranged reads of shards, a byte cache); URI joins
+decode.py     robust decoding (size limits, reduced-scale JPEG decode, bad-image reasons)
+sources.py    ImageSource: Fashion-MNIST in memory, or a manifest's images
+augment.py    DINOv2 multi-crop augmentation on tensors (MultiCropSpec: the ``crops`` config)
+masking.py    iBOT block masks, drawn per (seed, step, rank)
+stream.py     the deterministic, sharded, resumable multi-crop stream (and its skip ledger)
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dinoforge.config import Config
 
 
 @dataclass(frozen=True)
@@ -61,3 +65,38 @@ def sqrt_scaled_lr(base_lr: float, total_batch_size: int) -> float:
     if total_batch_size <= 0:
         raise ValueError(f"total_batch_size must be > 0, got {total_batch_size}")
     return base_lr * math.sqrt(total_batch_size / 1024)
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Per-step values of the official recipe; an "epoch" is ``optim.epoch_length`` steps."""
+
+    lr: CosineSchedule
+    weight_decay: CosineSchedule
+    momentum: CosineSchedule
+    teacher_temp: CosineSchedule
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, total_batch_size: int) -> Schedules:
+        o, t, epoch = cfg.optim, cfg.teacher, cfg.optim.epoch_length
+        total = cfg.total_steps
+        lr = sqrt_scaled_lr(o.base_lr, total_batch_size) if o.scaling_rule == "sqrt_wrt_1024" else o.base_lr
+        return cls(
+            lr=CosineSchedule(lr, o.min_lr, total, warmup_iters=o.warmup_epochs * epoch),
+            weight_decay=CosineSchedule(o.weight_decay, o.weight_decay_end, total),
+            momentum=CosineSchedule(t.momentum_teacher, t.final_momentum_teacher, total)
+            if cfg.distill.ema_momentum is None or not cfg.distill.teacher
+            else CosineSchedule(cfg.distill.ema_momentum, cfg.distill.ema_momentum, total),  # the spare EMA's
+            teacher_temp=CosineSchedule(
+                t.teacher_temp,
+                t.teacher_temp,
+                total,
+                warmup_iters=min(t.warmup_teacher_temp_epochs * epoch, total),
+                start_warmup_value=t.warmup_teacher_temp,
+            ),
+            freeze_last_layer_steps=o.freeze_last_layer_epochs * epoch,
+        )
+
+    def last_layer_lr(self, step: int) -> float:
+        return 0.0 if step < self.freeze_last_layer_steps else self.lr(step)

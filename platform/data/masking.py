@@ -3,7 +3,8 @@
 Mirrors the official dinov2 ``MaskingGenerator`` and the masking part of its ``collate_data_and_cast``,
 with two differences that make it exact and reproducible: the masked count is always exactly the
 one asked for (the official generator may stop short), and all randomness comes from an explicit
-``torch.Generator``, so masks are a pure function of the generator's seed.
+``torch.Generator``, so masks are a pure function of the generator's seed (``step_masks``: of
+the run's seed, the step and the rank).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dinoforge.data.stream import MASK_STREAM, sample_seed
 
 MAX_TRIES = 10  # rectangle tries per placement round, as the official MaskingGenerator._mask
 
@@ -104,7 +107,9 @@ def sample_masks(
     return masks[torch.randperm(n_images, generator=generator)]
 
 
-def masked_rows(masks: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the masked patches, (M,) in row-major order: the rows of the iBOT
-    logits and targets."""
-    return masks.flatten().nonzero().squeeze(1)
+def step_masks(seed: int, step: int, rank: int, n_images: int, grid: int, mask_probability: float,
+               ratio_min_max: tuple[float, float]) -> torch.Tensor:
+    """One rank's masks for one training step: a pure function of (seed, step, rank), so a
+    resumed run draws the same masks at the same step."""
+    generator = torch.Generator().manual_seed(sample_seed(sample_seed(seed, step, MASK_STREAM), rank, MASK_STREAM))
+    return sample_masks(n_images, (grid, grid), generator, mask_probability, ratio_min_max)
