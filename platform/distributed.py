@@ -103,3 +103,21 @@ def shard_model(model: SSLMetaArch | DistillMetaArch, world: World, precision: s
         register_fsdp_forward_method(backbone, "forward_features")
         for head in {id(m): m for m in (branch["dino_head"], branch["ibot_head"])}.values():
             fully_shard(head, mesh=mesh, mp_policy=head_policy, reshard_after_forward=reshard)
+
+
+def global_mean(values: dict[str, torch.Tensor], world: World) -> dict[str, float]:
+    """Each scalar tensor averaged over all ranks (one all-reduce), as floats."""
+    if not world.distributed:
+        return {k: v.item() for k, v in values.items()}
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return {k: (v / world.world_size).item() for k, v in zip(values, stacked)}
+
+
+def gather_lists(items: list, world: World) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+    if not world.distributed:
+        return items
+    gathered: list[list] = [[] for _ in range(world.world_size)]
+    dist.all_gather_object(gathered, items)
+    return [item for rank_items in gathered for item in rank_items]

@@ -10,8 +10,8 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dinoforge.checkpoint import read_trainer_state, resolve_checkpoint
-from dinoforge.config import Config, build
+from dinoforge.checkpoint import read_train_state, resolve_checkpoint
+from dinoforge.config import Config
 from dinoforge.model.distill import random_frozen_heads
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.spec import BackboneSpec, official_spec
@@ -36,7 +36,7 @@ def load_teacher(cfg: Config) -> tuple[DinoVisionTransformer, DINOHead, DINOHead
     uri, objective = cfg.distill.teacher, cfg.objective
     if not uri.endswith(".pth"):
         checkpoint = resolve_checkpoint(uri)
-        teacher_cfg = build(Config, read_trainer_state(checkpoint)["config"])
+        teacher_cfg = read_train_state(checkpoint).run_config()
         backbone = teacher_cfg.model.backbone(teacher_cfg.crops.global_crops_size).build()
         dino_head, ibot_head = _heads(backbone.embed_dim, teacher_cfg.objective)
         heads = {"teacher.dino_head": dino_head} | ({"teacher.ibot_head": ibot_head} if ibot_head is not dino_head else {})
@@ -78,10 +78,10 @@ def backbone_meta(cfg: Config) -> dict:
 def export_backbone(checkpoint_uri: str, weights_uri: str) -> dict:
     """Writes the backbone a run releases: the EMA teacher of a pretraining run, or the spare
     EMA of the student of a distillation run. Reads only that backbone's tensors."""
-    trainer = read_trainer_state(checkpoint_uri)
-    cfg = build(Config, trainer["config"])
+    state = read_train_state(checkpoint_uri)
+    cfg = state.run_config()
     prefix = "ema.backbone" if cfg.distill.teacher else "teacher.backbone"
-    meta = {**backbone_meta(cfg), "step": trainer["step"], "checkpoint": checkpoint_uri, "exported": prefix}
+    meta = {**backbone_meta(cfg), "step": state.step, "checkpoint": checkpoint_uri, "exported": prefix}
     backbone = build_from_meta(meta)
     _load_from_checkpoint(checkpoint_uri, {prefix: backbone})
     _write(backbone, meta, weights_uri)

@@ -53,7 +53,12 @@ def param_groups(student: nn.ModuleDict, layerwise_decay: float, patch_embed_lr_
         key = GroupKey(lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name)
         groups.setdefault(key, []).append(param)
     return [
-        {"params": params, "lr_multiplier": k.lr_multiplier, "wd_multiplier": k.wd_multiplier, "is_last_layer": k.is_last_layer}
+        {
+            "params": params,
+            "lr_multiplier": k.lr_multiplier,
+            "wd_multiplier": k.wd_multiplier,
+            "is_last_layer": k.is_last_layer,
+        }
         for k, params in groups.items()
     ]
 

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from dinoforge.training.optim import apply_schedules
+
 if TYPE_CHECKING:
     from dinoforge.config import Config
 
@@ -29,9 +33,7 @@ class CosineSchedule:
 
     def __post_init__(self) -> None:
         if self.warmup_iters < 0 or self.freeze_iters < 0:
-            raise ValueError(
-                f"warmup_iters ({self.warmup_iters}) and freeze_iters ({self.freeze_iters}) must be >= 0"
-            )
+            raise ValueError(f"warmup_iters ({self.warmup_iters}) and freeze_iters ({self.freeze_iters}) must be >= 0")
         if self.total_iters < self.warmup_iters + self.freeze_iters:
             raise ValueError(
                 f"total_iters ({self.total_iters}) must be >= warmup_iters ({self.warmup_iters}) "
@@ -55,9 +57,7 @@ class CosineSchedule:
         i -= self.warmup_iters
         n = self.total_iters - self.warmup_iters - self.freeze_iters
         # Official: np.arange(n) with cos(pi * i / n), so the last step stops one short of final_value.
-        return float(
-            self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + math.cos(math.pi * i / n))
-        )
+        return float(self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + math.cos(math.pi * i / n)))
 
 
 def sqrt_scaled_lr(base_lr: float, total_batch_size: int) -> float:
@@ -97,6 +97,18 @@ class Schedules:
             ),
             freeze_last_layer_steps=o.freeze_last_layer_epochs * epoch,
         )
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        """Sets the step's learning rate and weight decay on ``optimizer``'s groups; returns the
+        step's values under the names the metrics use."""
+        values = {
+            "lr": self.lr(step),
+            "wd": self.weight_decay(step),
+            "momentum": self.momentum(step),
+            "teacher_temp": self.teacher_temp(step),
+        }
+        apply_schedules(optimizer, values["lr"], self.last_layer_lr(step), values["wd"])
+        return values
 
     def last_layer_lr(self, step: int) -> float:
         return 0.0 if step < self.freeze_last_layer_steps else self.lr(step)
