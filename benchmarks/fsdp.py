@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 from dinoforge.bench import synthetic_batches
 from dinoforge.config import load_config
 from dinoforge.distributed import close_world, init_world, shard_model
-from dinoforge.train import build_meta_arch, train_step
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
 from dinoforge.training.optim import param_groups
 
 

@@ -21,7 +21,8 @@ import torch
 
 from dinoforge.bench import synthetic_batches
 from dinoforge.config import load_config
-from dinoforge.train import build_meta_arch, train_step
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
 
 
 @contextlib.contextmanager

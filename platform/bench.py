@@ -23,9 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinoforge.config import Config, load_config
 from dinoforge.data.masking import sample_masks
-from dinoforge.distributed import PRECISIONS, World
-from dinoforge.model.ssl import masked_rows
-from dinoforge.train import build_meta_arch, prepare_model, train_step
+from dinoforge.distributed import PRECISIONS
+from dinoforge.model.objective import masked_rows
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
 from dinoforge.training.optim import apply_schedules, build_optimizer
 
 # Each variant's overrides on top of the preset; the baseline is our eager step.
@@ -96,7 +97,6 @@ class Step:
         torch.manual_seed(seed)
         self.cfg, self.autocast_dtype = cfg, autocast_dtype
         self.model = build_meta_arch(cfg).to(device).train()
-        prepare_model(self.model, cfg, World(device=device))
         self.optimizer = build_optimizer(self.model, cfg)
         lr = cfg.optim.base_lr
         apply_schedules(self.optimizer, lr, lr, cfg.optim.weight_decay)

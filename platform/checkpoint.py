@@ -237,3 +237,13 @@ def load_model_weights(uri: str, model: torch.nn.Module) -> None:
     no_dist = not (dist.is_available() and dist.is_initialized())
     with_retries(lambda: dcp.load(state, checkpoint_id=uri, no_dist=no_dist), f"loading {uri}")
     set_model_state_dict(model, state["model"])
+
+
+def load_modules(uri: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Fills each module from the tensors under its prefix (``"teacher.backbone"``) in a
+    committed checkpoint, reading only those tensors, in one process."""
+    model = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    with_retries(lambda: dcp.load({"model": model}, checkpoint_id=uri, no_dist=True), f"loading {uri}")
+    for prefix, module in modules.items():
+        start = len(prefix) + 1
+        module.load_state_dict({k[start:]: v for k, v in model.items() if k.startswith(prefix + ".")})

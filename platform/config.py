@@ -2,7 +2,7 @@
 
 The dataclass defaults are the official DINOv2 ``ssl_default_config.yaml`` values (the
 sections that belong to one part live with it: ``model`` in ``model/spec.py``, ``objective``
-in ``model/ssl.py``, ``crops`` in ``platform/data/augment.py``); a preset
+in ``model/objective.py``, ``crops`` in ``platform/data/augment.py``); a preset
 (``platform/presets/NAME.yaml``) lists only what differs. Every key is checked: an unknown
 key or a value of the wrong type fails at load time with the dotted key in the message.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from dinoforge.data.augment import MultiCropSpec
+from dinoforge.model.objective import ObjectiveConfig
 from dinoforge.model.spec import ModelConfig, official_spec
-from dinoforge.model.ssl import ObjectiveConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -156,6 +156,11 @@ class Config:
     @property
     def total_steps(self) -> int:
         return self.optim.epochs * self.optim.epoch_length
+
+    @property
+    def stage(self) -> str:
+        """The training stage this config runs: ``distill`` when it names a teacher, else ``pretrain``."""
+        return "distill" if self.distill.teacher else "pretrain"
 
 
 # -- building dataclasses from plain data ----------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -27,10 +26,11 @@ from dinoforge.data.masking import MaskSampler
 from dinoforge.data.storage import join
 from dinoforge.data.stream import RANK_STREAM, multicrop_loader, sample_seed
 from dinoforge.distributed import PRECISIONS, World, close_world, gather_lists, global_mean, init_world, shard_model
-from dinoforge.export import load_teacher
-from dinoforge.model.distill import DistillMetaArch
-from dinoforge.model.ssl import SSLMetaArch, masked_rows
+from dinoforge.model import MetaArch
+from dinoforge.model.objective import masked_rows
 from dinoforge.telemetry import Telemetry
+from dinoforge.training.build import build_meta_arch
+from dinoforge.training.ema import update_ema
 from dinoforge.training.metrics import TrainMetrics
 from dinoforge.training.optim import build_optimizer
 from dinoforge.training.schedules import Schedules
@@ -56,13 +56,12 @@ def pretrain(cfg: Config, output: str, max_steps: int | None = None, progress: b
 
 
 def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, world: World) -> dict:
-    stage = "distill" if cfg.distill.teacher else "pretrain"
-    telemetry = Telemetry(stage, rank=world.rank)
+    telemetry = Telemetry(cfg.stage, rank=world.rank)
     # Imported here: MLflow takes ~2 s to import and building or timing a step (dinoforge bench,
     # also where MLflow is not installed) does not need it.
     from dinoforge.lineage import stage_lineage
 
-    lineage = stage_lineage(stage, output, enabled=world.is_main)
+    lineage = stage_lineage(cfg.stage, output, enabled=world.is_main)
     try:
         with lineage:
             summary = _train(cfg, output, max_steps, progress, world, telemetry, lineage)
@@ -88,7 +87,8 @@ def _train(
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = build_meta_arch(cfg).to(world.device)
     model.train()
-    prepare_model(model, cfg, world)
+    if world.world_size > 1:
+        shard_model(model, world, cfg.train.precision)
     optimizer = build_optimizer(model, cfg)
     schedules = Schedules.from_config(cfg, global_batch)
     metrics = TrainMetrics(output, world, telemetry, lineage, progress, global_batch)
@@ -153,43 +153,8 @@ def _train(
     }
 
 
-def build_meta_arch(cfg: Config) -> SSLMetaArch | DistillMetaArch:
-    """Self-supervised pretraining, or distillation when ``distill.teacher`` is set."""
-    spec = cfg.model.backbone(cfg.crops.global_crops_size)
-    if cfg.distill.teacher:
-        teacher, dino_head, ibot_head = load_teacher(cfg)
-        student = spec.build(drop_path_rate=0.0)
-        return DistillMetaArch(student, teacher, dino_head, ibot_head, cfg.objective)
-    make = partial(spec.build, drop_path_uniform=cfg.model.drop_path_uniform)
-    return SSLMetaArch(make, cfg.model.drop_path_rate, cfg.objective)
-
-
-def prepare_model(model: SSLMetaArch | DistillMetaArch, cfg: Config, world: World) -> None:
-    """The step's implementation levers (fused loss, compiled blocks, activation
-    checkpointing) and, on several ranks, FSDP2 sharding."""
-    model.fused_loss, model.compile_losses = cfg.train.fused_loss, cfg.train.compile
-    for backbone in (model.student["backbone"], model.teacher["backbone"]):
-        backbone.activation_checkpointing = cfg.train.activation_checkpointing
-        if cfg.train.compile:
-            for block in backbone.blocks:
-                # Static shapes: the teacher's and the student's token counts differ, and
-                # automatic dynamic shapes would trade both for one slower symbolic graph.
-                block.compile(dynamic=False)
-    if world.world_size > 1:
-        shard_model(model, world, cfg.train.precision)
-
-
-def _unique_modules(modules) -> list[torch.nn.Module]:
-    seen, unique = set(), []
-    for module in modules:
-        if id(module) not in seen:
-            seen.add(id(module))
-            unique.append(module)
-    return unique
-
-
 def train_step(
-    model: SSLMetaArch | DistillMetaArch,
+    model: MetaArch,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     values: dict[str, float],
@@ -197,10 +162,10 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward (under autocast when ``autocast_dtype`` is set), backward with gradient clipping
-    per student module, AdamW, EMA teacher. ``batch``: ``global_crops``, ``local_crops`` (when
-    there are local crops), ``masks`` and, best found on the host, ``mask_rows`` (see
-    ``SSLMetaArch.forward``). Returns the detached losses (tensors: reading them would
-    synchronise a GPU)."""
+    per student module, AdamW, the EMA (the teacher, or distillation's spare EMA). ``batch``:
+    ``global_crops``, ``local_crops`` (when there are local crops), ``masks`` and, best found on
+    the host, ``mask_rows`` (see ``SSLMetaArch.forward``). Returns the detached losses (tensors:
+    reading them would synchronise a GPU)."""
     device_type = batch["global_crops"].device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss, parts = model(
@@ -213,10 +178,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
-        for module in _unique_modules(model.student.values()):
+        for module in model.student_modules():
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
     optimizer.step()
-    model.update_teacher(values["momentum"])
+    update_ema(model, values["momentum"])
     return {"loss": loss.detach(), **parts}
 
 
@@ -276,7 +241,7 @@ def _record_inputs(lineage: Lineage, cfg: Config, dataset_digest: str) -> None:
         name="train_data",
         kind="manifest" if manifest else "dataset",
     )
-    if cfg.distill.teacher:
+    if cfg.stage == "distill":
         lineage.input(cfg.distill.teacher, digest_uri(cfg.distill.teacher), name="teacher", kind="weights")
     if cfg.train.init_from:
         init = resolve_checkpoint(cfg.train.init_from)

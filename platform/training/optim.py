@@ -10,8 +10,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from dinoforge.config import Config
-    from dinoforge.model.distill import DistillMetaArch
-    from dinoforge.model.ssl import SSLMetaArch
+    from dinoforge.model import MetaArch
 
 _EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
 
@@ -69,7 +68,7 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, last_layer_lr: 
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
 
 
-def build_optimizer(model: SSLMetaArch | DistillMetaArch, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(model: MetaArch, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),

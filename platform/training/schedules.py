@@ -86,7 +86,7 @@ class Schedules:
             lr=CosineSchedule(lr, o.min_lr, total, warmup_iters=o.warmup_epochs * epoch),
             weight_decay=CosineSchedule(o.weight_decay, o.weight_decay_end, total),
             momentum=CosineSchedule(t.momentum_teacher, t.final_momentum_teacher, total)
-            if cfg.distill.ema_momentum is None or not cfg.distill.teacher
+            if cfg.distill.ema_momentum is None or cfg.stage != "distill"
             else CosineSchedule(cfg.distill.ema_momentum, cfg.distill.ema_momentum, total),  # the spare EMA's
             teacher_temp=CosineSchedule(
                 t.teacher_temp,
