@@ -23,6 +23,7 @@ from dinoforge.model.objective import ObjectiveConfig
 from dinoforge.model.spec import ModelConfig, official_spec
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "smoke"  # what commands run without --preset: the CPU-sized recipe
 
 
 class ConfigError(ValueError):

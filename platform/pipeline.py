@@ -24,7 +24,7 @@ from typing import Any, Callable
 import fsspec
 import torch
 
-from dinoforge.config import DataConfig, load_config
+from dinoforge.config import DEFAULT_PRESET, DataConfig, load_config
 from dinoforge.data.manifest import Manifest
 from dinoforge.data.storage import join
 from dinoforge.lineage import Lineage, digest_uri, stage_lineage
@@ -42,7 +42,7 @@ class PipelineSettings:
     architecture (``export_random``), since no model exists before the first run."""
 
     output: str
-    preset: str = "smoke"
+    preset: str = DEFAULT_PRESET
     overrides: tuple[str, ...] = ()
     pool_size: int = 20_000
     eval_size: int | None = None
