@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from dinoforge import build_info
 from dinoforge.curation import DEDUP_METHODS
 from dinoforge.config import ConfigError, DataConfig, load_config, preset_names, to_dict
 from dinoforge.distributed import PRECISIONS
@@ -455,6 +456,7 @@ def _add_evaluate_args(parser: argparse.ArgumentParser, suite: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinoforge", description="DINOv2 pretraining, export and evaluation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=build_info.describe(), help="print the version and source commit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved configuration")
