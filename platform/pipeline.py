@@ -3,8 +3,8 @@ stage an MLflow run under one pipeline run, and a short summary at the end.
 
 The stages are the functions the single-stage commands (and so the TorchX components in
 ``jobs/``) run; here they run one after the other in this process. Every stage finds its
-lineage parent and journal through ``DINOFORGE_LINEAGE_PARENT`` / ``DINOFORGE_LINEAGE_DIR``,
-as a stage launched by TorchX would. Layout under ``output``::
+lineage parent and journal through ``pipeline_scope``, as a stage launched by TorchX does
+through ``DINOFORGE_LINEAGE_PARENT`` / ``DINOFORGE_LINEAGE_DIR``. Layout under ``output``::
 
     data/pool.parquet, data/eval.parquet (+ -shards/)   Fashion-MNIST imported as manifests (eval: when de-duplicating)
     curate/                                             embeddings, dedup.json, clusters, curated.parquet, report/
@@ -16,7 +16,6 @@ as a stage launched by TorchX would. Layout under ``output``::
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -27,9 +26,7 @@ import torch
 from dinoforge.config import DataConfig, load_config
 from dinoforge.data.manifest import Manifest
 from dinoforge.data.storage import join
-from dinoforge.lineage import Lineage, digest_uri, stage_lineage
-
-LINEAGE_ENV = ("DINOFORGE_LINEAGE_PARENT", "DINOFORGE_LINEAGE_DIR")
+from dinoforge.lineage import Lineage, digest_uri, pipeline_scope, stage_lineage
 
 
 @dataclass(frozen=True)
@@ -161,25 +158,6 @@ def evaluate_stage(weights: str, backbones: dict[str, torch.nn.Module], meta: di
     return summary
 
 
-class _StageEnv:
-    """Points in-process stages at this pipeline's lineage (restored afterwards)."""
-
-    def __init__(self, parent: str, journal: str) -> None:
-        self.values = dict(zip(LINEAGE_ENV, (parent, journal)))
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc) -> None:
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     """Runs every stage (each resumes what an earlier, interrupted run left) and returns the summary."""
     from dinoforge.curation.pipeline import CurateSettings
@@ -193,7 +171,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     journal = join(out, "lineage")
     seconds: dict[str, float] = {}
     parent = Lineage(journal, "pipeline", run_name=f"pipeline-{s.preset}")
-    with parent, _StageEnv(parent.key, journal):
+    with parent, pipeline_scope(parent.key, journal):
         parent.params({k: v for k, v in asdict(s).items() if k != "data"})
         dedup = s.dedup_method != "none"
         eval_manifest = join(out, "data", "eval.parquet") if dedup else None

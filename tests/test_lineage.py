@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # before mlflow is imported
 
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dinoforge.lineage import (  # noqa: E402
@@ -25,6 +28,7 @@ from dinoforge.lineage import (  # noqa: E402
     Lineage,
     digest_uri,
     lineage_chain,
+    pipeline_scope,
     read_journal,
     stage_lineage,
     sync_journal,
@@ -212,32 +216,35 @@ def test_hanging_server_costs_one_timeout_per_attempt(tmp_path, monkeypatch):
 
 
 def test_local_default_store(tmp_path, monkeypatch):
+    """No tracking URI: a sqlite store beside the journal, artifacts beside it, nothing in the
+    working directory and no environment variable changed."""
     experiment, model = _unique("local"), _unique("teacher")
+    (tmp_path / "files").mkdir()
+    monkeypatch.chdir(tmp_path / "files")
+    environ = dict(os.environ)
     chain = run_chain(str(tmp_path / "lineage"), tmp_path / "files", None, experiment, model)
-    store = (tmp_path / "mlruns").as_uri()
+    assert dict(os.environ) == environ
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert chain["stages"][0].run_id is not None
-    # What lineage sets while it writes there (see dinoforge.lineage._client_env).
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     check_chain(store, experiment, model, chain)
     assert sync_journal(str(tmp_path / "lineage")) == {"runs": 4, "events_pushed": 0, "pending": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["files", "lineage", "mlartifacts", "mlflow.db"]
+    assert not [p for p in (tmp_path / "files").iterdir() if p.name.startswith(("mlruns", "mlflow"))]
 
 
 def test_parent_synced_later_completes_its_bare_run(tmp_path, monkeypatch):
-    store = (tmp_path / "mlruns").as_uri()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pipeline = Lineage(str(tmp_path / "a"), "pipeline", run_name="smoke", tracking_uri=f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DINOFORGE_LINEAGE_PARENT", pipeline.key)
     with Lineage(str(tmp_path / "b"), "curate", tracking_uri=store) as curate:
         curate.metrics({"kept": 10.0})
     pipeline.end()
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     client = MlflowClient(store, registry_uri=store)
     parent_id = client.get_run(curate.run_id).data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).data.tags[RUN_KEY_TAG] == pipeline.key
     assert client.get_run(parent_id).info.status == "RUNNING"  # the bare run the child made
 
-    assert sync_journal(str(tmp_path / "a")) == {"runs": 1, "events_pushed": 2, "pending": 0}
+    assert sync_journal(str(tmp_path / "a"), store) == {"runs": 1, "events_pushed": 2, "pending": 0}
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "smoke" and parent.info.status == "FINISHED"
     assert parent.data.tags["dinoforge.stage"] == "pipeline"
@@ -260,7 +267,7 @@ def test_disabled_is_a_no_op(tmp_path, monkeypatch):
     lineage = Lineage(str(tmp_path / "lineage"), "pretrain")
     lineage.metrics({"loss": 1.0}, step=0)
     lineage.end()
-    assert lineage.sync() and not (tmp_path / "lineage").exists() and not (tmp_path / "mlruns").exists()
+    assert lineage.sync() and not list(tmp_path.iterdir())
 
 
 def test_stage_lineage_uses_the_pipeline_journal_and_parent(tmp_path, monkeypatch):
@@ -290,3 +297,45 @@ def test_digest_uri(tmp_path):
     assert digest_uri(str(tmp_path / "d")) != first
     assert digest_uri(str(tmp_path / "d" / "a.bin")) == \
         "sha256:559aead08264d5795d3909718cdd05abd49572e84fe55590eef31a88a08fdffd"
+
+
+def test_two_pipelines_in_one_process_do_not_interfere(mlflow_server, tmp_path):
+    """Two pipelines record and sync from two threads at once (as the operator's handlers do), one
+    to a server, one to a local store: each stage finds its own pipeline's parent and journal,
+    each store holds only its own runs with their own metrics, and no environment variable changes."""
+    stores = {"a": mlflow_server, "b": f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"}
+    experiment = _unique("parallel")
+    together = threading.Barrier(len(stores))
+    environ = dict(os.environ)
+
+    def pipeline(name: str) -> tuple[str, list[str]]:
+        journal, common = str(tmp_path / name / "lineage"), {"tracking_uri": stores[name], "experiment": experiment}
+        parent = Lineage(journal, "pipeline", run_name=f"pipeline-{name}", sync_every_s=0, **common)
+        children = []
+        with parent, pipeline_scope(parent.key, journal):
+            for stage in ("curate", "pretrain", "export"):
+                together.wait(timeout=120)  # every stage starts and syncs alongside the other pipeline's
+                with stage_lineage(stage, None, sync_every_s=0, **common) as lineage:
+                    lineage.params({"pipeline": name})
+                    for step in range(5):
+                        lineage.metrics({"loss": ord(name) + step}, step=step)
+                children.append(lineage.key)
+        return parent.key, children
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        keys = dict(zip(stores, pool.map(pipeline, stores)))
+    assert dict(os.environ) == environ
+    for name, uri in stores.items():
+        parent_key, child_keys = keys[name]
+        assert set(read_journal(str(tmp_path / name / "lineage"))) == {parent_key, *child_keys}
+        client = MlflowClient(uri, registry_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        by_key = {run.data.tags[RUN_KEY_TAG]: run for run in runs}
+        assert set(by_key) == {parent_key, *child_keys}  # nothing of the other pipeline
+        parent_id = by_key[parent_key].info.run_id
+        for key in child_keys:
+            run = by_key[key]
+            assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.params == {"pipeline": name}
+            history = client.get_metric_history(run.info.run_id, "loss")
+            assert [m.value for m in history] == [ord(name) + step for step in range(5)]
+            assert run.info.status == "FINISHED"
