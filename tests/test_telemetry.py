@@ -102,7 +102,7 @@ def test_records_steps_values_checkpoints_skips_and_progress(telemetry, monkeypa
     assert value(text, "dinoforge_skipped_images_total", reason="decode") == 5
     assert value(text, "dinoforge_skipped_images_total", reason="too_small") == 1
     assert value(text, "dinoforge_progress_done") == 3
-    assert value(text, "dinoforge_progress_total") == 10
+    assert value(text, "dinoforge_progress_items") == 10
 
     assert value(text, "dinoforge_restarts") == 2
     assert value(text, "dinoforge_info", host=socket.gethostname(), torch_version=metadata.version("torch")) == 1
@@ -119,7 +119,7 @@ def test_gauges_appear_once_set(telemetry):
     assert value(text, "dinoforge_images_total", job="j", stage="curate", rank="1") == 0
     assert value(text, "dinoforge_restarts") == 0
     t.progress(0, 7)
-    assert value(t.render(), "dinoforge_progress_total") == 7
+    assert value(t.render(), "dinoforge_progress_items") == 7
 
 
 def test_without_a_gpu_driver_gpu_available_is_0(telemetry, caplog):
