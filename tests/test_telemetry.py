@@ -258,3 +258,19 @@ def test_prometheus_scrapes_a_training_process(tmp_path):
     finally:
         trainer.terminate()
         trainer.wait()
+
+
+def test_exposition_passes_promtool_check_metrics(telemetry):
+    """Every family a training or curation process exports, as served, passes Prometheus's own
+    metrics lint (naming conventions such as no ``_total`` suffix on gauges)."""
+    t = telemetry("pretrain")
+    t.train_step(images=64, step_seconds=0.5, data_seconds=0.1)
+    t.train_values({"loss": 1.0, "dino_loss": 1.25, "lr": 1e-3, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.07})
+    t.checkpoint("save", 1.5, 2048)
+    t.skipped({"decode": 2})
+    t.progress(3, 10)
+    text = t.render()
+    assert {"dinoforge_progress_items", "dinoforge_checkpoints_total", "dinoforge_skipped_images_total"} <= \
+        {name for name, _, _ in samples(text)}
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
