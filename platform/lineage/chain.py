@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 
-from dinoforge.lineage.store import DIGEST_TAG, STAGE_TAG, client
+from dinoforge.lineage.store import DIGEST_TAG, STAGE_TAG, client, parse_output_tag
 from mlflow.entities import DatasetInput
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 
-def _dataset_entry(dataset_input: DatasetInput) -> tuple[str, dict]:
+def _dataset_entry(dataset_input: DatasetInput) -> dict:
     tags = {tag.key: tag.value for tag in dataset_input.tags}
     dataset = dataset_input.dataset
-    source = json.loads(dataset.source)
-    entry = {"name": dataset.name, "uri": source.get("uri"), "digest": tags.get(DIGEST_TAG, dataset.digest)}
-    return tags.get(MLFLOW_DATASET_CONTEXT, ""), entry
+    return {
+        "name": dataset.name,
+        "uri": json.loads(dataset.source).get("uri"),
+        "digest": tags.get(DIGEST_TAG, dataset.digest),
+        "kind": tags.get(MLFLOW_DATASET_CONTEXT, ""),
+    }
 
 
 def lineage_chain(tracking_uri: str, experiment: str, pipeline_run_id: str) -> list[dict]:
     """The child runs of a pipeline run in start order, each ``{"run_id", "name", "stage",
-    "status", "inputs", "outputs"}`` with inputs/outputs as ``{"name", "uri", "digest", "kind"}``.
+    "status", "inputs", "outputs"}`` with inputs (dataset inputs) and outputs (output tags) as
+    ``{"name", "uri", "digest", "kind"}``, plus ``"models"``: the ids of the run's logged models.
     MLflow errors propagate (this is a reporting helper, not part of training)."""
     mlflow = client(tracking_uri)
     found = mlflow.get_experiment_by_name(experiment)
@@ -31,19 +35,18 @@ def lineage_chain(tracking_uri: str, experiment: str, pipeline_run_id: str) -> l
         order_by=["attributes.start_time ASC"],
     )
     chain = []
-    for run in runs:
-        entry = {
-            "run_id": run.info.run_id,
-            "name": run.info.run_name,
-            "stage": run.data.tags.get(STAGE_TAG),
-            "status": run.info.status,
-            "inputs": [],
-            "outputs": [],
-        }
-        for dataset_input in mlflow.get_run(run.info.run_id).inputs.dataset_inputs:
-            context, item = _dataset_entry(dataset_input)
-            is_output = context.startswith("output:")
-            item["kind"] = context.removeprefix("output:")
-            entry["outputs" if is_output else "inputs"].append(item)
-        chain.append(entry)
+    for found_run in runs:
+        run = mlflow.get_run(found_run.info.run_id)  # with its inputs and outputs
+        outputs = [item for key, value in sorted(run.data.tags.items()) if (item := parse_output_tag(key, value))]
+        chain.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "stage": run.data.tags.get(STAGE_TAG),
+                "status": run.info.status,
+                "inputs": [_dataset_entry(dataset_input) for dataset_input in run.inputs.dataset_inputs],
+                "outputs": outputs,
+                "models": [output.model_id for output in (run.outputs.model_outputs if run.outputs else [])],
+            }
+        )
     return chain

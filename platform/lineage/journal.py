@@ -20,6 +20,12 @@ def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with its protocol and an absolute path: ``runs/x`` -> ``file:///…/runs/x``."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.unstrip_protocol(path)
+
+
 def _file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     sha = hashlib.sha256()
     with fs.open(path, "rb") as handle:

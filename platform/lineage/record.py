@@ -4,36 +4,63 @@ inside a pipeline or on its own)."""
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import os
+import posixpath
 import re
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from dinoforge.lineage.journal import Journal, join
+from dinoforge.lineage.journal import Journal, absolute_uri, join
 from dinoforge.lineage.registry import check_alias
-from dinoforge.lineage.store import DEFAULT_EXPERIMENT, STAGE_TAG, check_reachable, resolve_tracking_uri
+from dinoforge.lineage.store import (
+    DEFAULT_EXPERIMENT,
+    STAGE_TAG,
+    check_reachable,
+    public_uri,
+    resolve_tracking_uri,
+)
 from dinoforge.lineage.sync import Sync
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 log = logging.getLogger("dinoforge.lineage")
 
-# (parent run key, journal) of the pipeline whose stages run in this thread (``pipeline_scope``).
-_scope: ContextVar[tuple[str, str] | None] = ContextVar("dinoforge_lineage_scope", default=None)
+
+@dataclass(frozen=True)
+class Scope:
+    """The pipeline whose stages run in this thread: its run key, journal, tracking store and
+    experiment (None: the stage's own default)."""
+
+    parent: str
+    journal: str
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+_scope: ContextVar[Scope | None] = ContextVar("dinoforge_lineage_scope", default=None)
 
 
 @contextmanager
-def pipeline_scope(parent: str, journal: str) -> Iterator[None]:
-    """Stages that start inside (``stage_lineage``, ``Lineage``) record in ``journal`` under the
-    run ``parent``, as ``DINOFORGE_LINEAGE_DIR``/``DINOFORGE_LINEAGE_PARENT`` say for a stage
-    launched on its own. A context variable: pipelines in other threads are not affected."""
-    token = _scope.set((parent, journal))
+def pipeline_scope(parent: Lineage) -> Iterator[None]:
+    """Stages that start inside (``stage_lineage``, ``Lineage``) record in ``parent``'s journal
+    and tracking store, as its child runs, as ``DINOFORGE_LINEAGE_DIR``/``DINOFORGE_LINEAGE_PARENT``
+    say for a stage launched on its own. A context variable: pipelines in other threads are not
+    affected."""
+    token = _scope.set(Scope(parent.key, parent.journal_dir, parent.tracking_uri, parent.experiment))
     try:
         yield
     finally:
@@ -67,8 +94,32 @@ def _source_commit() -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def _user() -> str:
+    """``DINOFORGE_USER`` (the operator passes the pipeline's creator), else the login name."""
+    try:
+        return os.environ.get("DINOFORGE_USER") or getpass.getuser()
+    except (OSError, KeyError):  # a container user with no passwd entry and no LOGNAME/USER
+        return f"uid-{os.getuid()}"
+
+
+def _source_name() -> str:
+    """The command this process runs, as typed: ``dinoforge pipeline --local`` (also for
+    ``python -m dinoforge.cli ...``), else the program and its arguments."""
+    program = posixpath.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program in ("dinoforge", "cli.py") or program == "-m":
+        program = "dinoforge"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def _default_tags(stage: str) -> dict[str, str]:
-    tags = {STAGE_TAG: stage, "dinoforge.host": socket.gethostname()}
+    # MLflow's source tags: the run page's Source, User and Git Commit; JOB inside a Kubernetes pod.
+    tags = {
+        STAGE_TAG: stage,
+        "dinoforge.host": socket.gethostname(),
+        MLFLOW_USER: _user(),
+        MLFLOW_SOURCE_NAME: _source_name(),
+        MLFLOW_SOURCE_TYPE: "JOB" if "KUBERNETES_SERVICE_HOST" in os.environ else "LOCAL",
+    }
     if commit := os.environ.get("DINOFORGE_GIT_COMMIT") or _source_commit():
         tags[MLFLOW_GIT_COMMIT] = commit
     if image := os.environ.get("DINOFORGE_IMAGE"):
@@ -111,10 +162,14 @@ class Lineage:
         retry_every_s: float = 60.0,
     ) -> None:
         self.key = uuid.uuid4().hex
+        self.run_name = run_name or stage
         self.enabled = enabled and os.environ.get("DINOFORGE_LINEAGE", "").lower() != "off"
         self.journal_dir = journal_dir
-        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        self.tracking_uri = resolve_tracking_uri(journal_dir, tracking_uri)
+        scope = _scope.get()
+        self.experiment = (
+            experiment or (scope and scope.experiment) or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        )
+        self.tracking_uri = resolve_tracking_uri(journal_dir, tracking_uri or (scope and scope.tracking_uri))
         self.run_id: str | None = None  # MLflow's id, once a sync has found or created the run
         if not self.enabled:
             return
@@ -129,14 +184,14 @@ class Lineage:
         self._next_sync = 0.0
         self._down = False
         self._ended = False
-        scope = _scope.get()
-        parent = parent or (scope and scope[0]) or os.environ.get("DINOFORGE_LINEAGE_PARENT") or None
+        parent = parent or (scope and scope.parent) or os.environ.get("DINOFORGE_LINEAGE_PARENT") or None
         self._record(
             "start",
             stage=stage,
-            name=run_name or stage,
+            name=self.run_name,
             parent=parent,
             experiment=self.experiment,
+            store=self.tracking_uri and public_uri(self.tracking_uri),
             tags=_default_tags(stage) | (tags or {}),
         )
 
@@ -172,13 +227,14 @@ class Lineage:
         self._record("metrics", values={_name(k): float(v) for k, v in values.items()}, step=step)
 
     def input(self, uri: str, digest: str, *, name: str, kind: str) -> None:
-        """An MLflow dataset input (source ``uri``) with context ``kind``: manifest, checkpoint..."""
-        self._record("input", uri=uri, digest=digest, name=name, kind=kind)
+        """An MLflow dataset input (source: ``uri`` made absolute) with context ``kind``:
+        manifest, checkpoint, weights..."""
+        self._record("input", uri=absolute_uri(uri), digest=digest, name=name, kind=kind)
 
     def output(self, uri: str, digest: str, *, name: str, kind: str) -> None:
-        """A dataset input with context ``output:<kind>`` (MLflow runs have no dataset outputs)
-        plus the tag ``dinoforge.output.<name>=<uri>@<digest>``."""
-        self._record("output", uri=uri, digest=digest, name=name, kind=kind)
+        """The tag ``dinoforge.output.<kind>.<name>=<absolute uri>@<digest>``: MLflow 3 runs log
+        models as outputs (``register_model`` does) but have no dataset outputs."""
+        self._record("output", uri=absolute_uri(uri), digest=digest, name=name, kind=kind)
 
     def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """A file or directory (any fsspec URI) uploaded when synced, as MLflow's
@@ -187,14 +243,14 @@ class Lineage:
         self._record("artifact", path=local_path, artifact_path=artifact_path)
 
     def register_model(self, weights_uri: str, name: str, *, digest: str, alias: str | None = None) -> None:
-        """Exported weights (``X.pth``, with ``X.json`` beside it when present) become run
-        artifacts under ``models/<name>`` and a new version of registered model ``name`` whose
-        source is that folder; ``alias`` then points at it. An alias MLflow refuses (``latest``
-        and ``v<N>`` are reserved) raises ValueError here, even when disabled, so every rank
-        fails alike."""
+        """Exported weights (``X.pth`` with ``X.json`` beside it) become an MLflow Model (pyfunc:
+        images in, embeddings out; see ``dinoforge.lineage.pyfunc``) logged as this run's model
+        output, and a new version of registered model ``name``; ``alias`` then points at it. An
+        alias MLflow refuses (``latest`` and ``v<N>`` are reserved) raises ValueError here, even
+        when disabled, so every rank fails alike."""
         if alias is not None:
             check_alias(alias)
-        self._record("model", weights_uri=weights_uri, name=name, digest=digest, alias=alias)
+        self._record("model", weights_uri=absolute_uri(weights_uri), name=name, digest=digest, alias=alias)
 
     def end(self, status: str = "FINISHED") -> None:
         """Records the end (``FINISHED``, ``FAILED`` or ``KILLED``) once, then syncs. Another
@@ -255,7 +311,9 @@ def stage_lineage(stage: str, output: str | None, **kwargs: Any) -> Lineage:
     nothing, e.g. ``evaluate`` without ``--out``): recorded only inside a pipeline, so no
     journal or local store lands in the working directory."""
     scope = _scope.get()
-    journal = (scope and scope[1]) or os.environ.get("DINOFORGE_LINEAGE_DIR") or (output and join(output, "lineage"))
+    journal = (
+        (scope and scope.journal) or os.environ.get("DINOFORGE_LINEAGE_DIR") or (output and join(output, "lineage"))
+    )
     if not journal:
         return Lineage("lineage", stage, **{**kwargs, "enabled": False})
     return Lineage(journal, stage, **kwargs)

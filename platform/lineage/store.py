@@ -29,6 +29,8 @@ RUN_KEY_TAG = "dinoforge.run_key"
 SYNCED_TAG = "dinoforge.synced_events"
 STAGE_TAG = "dinoforge.stage"
 DIGEST_TAG = "dinoforge.digest"
+# Outputs other than models (MLflow 3 runs have model outputs, no dataset outputs): one tag each,
+# ``dinoforge.output.<kind>.<name>`` = ``<absolute uri>@<digest>``.
 OUTPUT_TAG_PREFIX = "dinoforge.output."
 DEFAULT_EXPERIMENT = "dinoforge"
 # The local store beside a local journal: a sqlite database and a folder of run artifacts.
@@ -41,15 +43,43 @@ class Unreachable(ConnectionError):
     """The tracking server did not answer the reachability check."""
 
 
-def resolve_tracking_uri(journal_dir: str, tracking_uri: str | None = None) -> str | None:
-    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a sqlite store ``mlflow.db`` beside a
-    local journal directory; None for a remote journal without either."""
-    if uri := tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+def output_tag(kind: str, name: str) -> str:
+    return f"{OUTPUT_TAG_PREFIX}{kind}.{name}"
+
+
+def parse_output_tag(key: str, value: str) -> dict | None:
+    """``{"name", "uri", "digest", "kind"}`` of an output tag; None for other tags."""
+    if not key.startswith(OUTPUT_TAG_PREFIX):
+        return None
+    kind, _, name = key.removeprefix(OUTPUT_TAG_PREFIX).partition(".")
+    uri, _, digest = value.rpartition("@")
+    return {"name": name, "uri": uri, "digest": digest, "kind": kind}
+
+
+def resolve_tracking_uri(journal_dir: str, tracking_uri: str | None = None, recorded: str | None = None) -> str | None:
+    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the store the journal's runs were
+    recorded for (``recorded``), else a sqlite store ``mlflow.db`` beside a local journal
+    directory; None for a remote journal without any of these."""
+    if uri := tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded:
         return uri
     fs, path = fsspec.core.url_to_fs(journal_dir)
     if not isinstance(fs, LocalFileSystem):
         return None
-    return "sqlite:///" + str(Path(posixpath.dirname(path.rstrip("/")), LOCAL_DB).resolve())
+    return local_store(posixpath.dirname(path.rstrip("/")))
+
+
+def local_store(directory: str) -> str:
+    """The sqlite store ``mlflow.db`` in a local ``directory``, as an absolute URI."""
+    return "sqlite:///" + str(Path(directory, LOCAL_DB).resolve())
+
+
+def public_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` without credentials (``https://user:password@host`` -> ``https://host``),
+    as the journal records it."""
+    parts = urlsplit(tracking_uri)
+    if parts.username is None and parts.password is None:
+        return tracking_uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def is_local(tracking_uri: str) -> bool:
@@ -106,11 +136,11 @@ def fit(value: str, limit: int) -> str:
 
 
 def _rejected(error: Exception) -> bool:
-    """The server refused this request for good (HTTP 400: invalid value, changed param...),
-    or a recorded file is gone: retrying cannot help."""
+    """The server refused this request for good (HTTP 400: invalid value, changed param...), a
+    recorded file is gone, or its contents are unusable (ValueError): retrying cannot help."""
     if isinstance(error, MlflowException):
         return error.get_http_status_code() == 400
-    return isinstance(error, FileNotFoundError)
+    return isinstance(error, (FileNotFoundError, ValueError))
 
 
 def attempt(call: Callable[[], Any], what: str) -> bool:

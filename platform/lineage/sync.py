@@ -20,7 +20,6 @@ from dinoforge.lineage.journal import read_journal, read_journal_run
 from dinoforge.lineage.registry import register
 from dinoforge.lineage.store import (
     DIGEST_TAG,
-    OUTPUT_TAG_PREFIX,
     RUN_KEY_TAG,
     SYNCED_TAG,
     artifact_location,
@@ -28,6 +27,7 @@ from dinoforge.lineage.store import (
     check_reachable,
     client,
     fit,
+    output_tag,
     resolve_tracking_uri,
     upload,
 )
@@ -60,8 +60,7 @@ def _dataset_input(event: dict) -> DatasetInput:
         source_type=scheme if scheme not in ("", "file") else "local",
         source=json.dumps({"uri": uri}),
     )
-    context = event["kind"] if event["type"] == "input" else f"output:{event['kind']}"
-    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag(DIGEST_TAG, digest)])
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, event["kind"]), InputTag(DIGEST_TAG, digest)])
 
 
 class _Batch:
@@ -207,7 +206,7 @@ class Sync:
             return [Metric(k, v, event["time"], event["step"] or 0) for k, v in event["values"].items()]
         if event_type == "output":
             value = f"{event['uri']}@{event['digest']}"
-            return [RunTag(OUTPUT_TAG_PREFIX + event["name"], fit(value, MAX_TAG_VAL_LENGTH))]
+            return [RunTag(output_tag(event["kind"], event["name"]), fit(value, MAX_TAG_VAL_LENGTH))]
         return []
 
     def _log_input(self, run_id: str, event: dict) -> None:
@@ -226,7 +225,6 @@ class Sync:
 # Events that need their own MLflow call (the rest travel in log_batch).
 _SIDE_EFFECTS: dict[str, Callable[[Sync, str, dict], None]] = {
     "input": Sync._log_input,
-    "output": Sync._log_input,
     "artifact": Sync._log_artifact,
     "model": Sync._register,
     "end": Sync._end,
@@ -249,7 +247,8 @@ def sync_journal(journal_dir: str, tracking_uri: str | None = None) -> dict:
         log.warning("lineage: journal %s unreadable (%s)", journal_dir, error)
         runs = {}
     counts = {"runs": len(runs), "events_pushed": 0, "pending": sum(len(events) for events in runs.values())}
-    uri = resolve_tracking_uri(journal_dir, tracking_uri)
+    recorded = next((events[0]["store"] for events in runs.values() if events[0].get("store")), None)
+    uri = resolve_tracking_uri(journal_dir, tracking_uri, recorded)
     if uri is None:
         log.warning("lineage: no tracking URI for remote journal %s: set MLFLOW_TRACKING_URI", journal_dir)
     if uri is None or not runs:
