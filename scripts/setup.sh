@@ -2,14 +2,16 @@
 # Installs what dinoforge needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
 # Debian's Fashion-MNIST package (the embedded default dataset) and a venv in .venv.
 # `--test` adds the test dependencies: the MLflow server, object-store emulators, Kubernetes
-# schema validation (pip), Prometheus (Debian), which the tests start as real servers, and the
-# helm binary (.venv/bin/helm) for the chart tests.
+# schema validation (pip), Prometheus (Debian), which the tests start as real servers, Chromium
+# (Debian) for the MLflow UI test, and the helm binary (.venv/bin/helm) for the chart tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="" packages=()
 [ "${1:-}" = "--test" ] && extras="[test]"
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 [ -z "$extras" ] || command -v prometheus >/dev/null || packages+=(prometheus)
+# Headless Chromium opens the MLflow UI in the end-to-end test (tests/test_mlflow_compare.py).
+[ -z "$extras" ] || command -v chromium >/dev/null || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
