@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="lineage_command", required=True)
     sync = commands.add_parser("sync", help="push a journal's pending events to MLflow (idempotent); exit 1 while some stay pending")
     sync.add_argument("journal", help="journal directory URI, e.g. runs/local/lineage")
-    sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the sqlite store beside the journal")
+    sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the store the journal recorded, else OUT/mlflow.db")
     sync.set_defaults(func=cmd_lineage_sync)
 
     p = sub.add_parser("operator", help="run the DinoPipeline operator (kopf; needs the [operator] extra)")

@@ -27,12 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("DINOFORGE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "mlflow.source.git.commit")
 # Two small pipelines that differ in two settings (steps, learning rate).
-SETTINGS = {"a": ["--max-steps", "3"], "b": ["--max-steps", "4", "optim.base_lr=0.002"]}
+SETTINGS = {"a": (["--max-steps", "3"], []), "b": (["--max-steps", "4"], ["optim.base_lr=0.002"])}
 
 
-def _pipeline(output: Path, tracking_uri: str, experiment: str, name: str, extra: list[str]) -> dict:
+def _pipeline(
+    output: Path, tracking_uri: str, experiment: str, name: str, flags: list[str], overrides: list[str]
+) -> dict:
     env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
-    command = PYTHON + [
+    small = "--pool-size 400 --curated-size 200 --train-limit 500 --test-limit 100 --no-progress".split()
+    command = [
+        *PYTHON,
         "pipeline",
         "--output",
         str(output),
@@ -40,19 +44,12 @@ def _pipeline(output: Path, tracking_uri: str, experiment: str, name: str, extra
         tracking_uri,
         "--run-name",
         name,
-        "--pool-size",
-        "400",
-        "--curated-size",
-        "200",
-        "--train-limit",
-        "500",
-        "--test-limit",
-        "100",
-        "--no-progress",
+        *small,
+        *flags,
         "train.log_period=1",
         "data.num_workers=0",
-        *extra,
-    ]
+        *overrides,
+    ]  # overrides last
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -117,7 +114,9 @@ def _serve_and_ask(model_name: str, tracking_uri: str, uris: list[str], images: 
         "--port",
         str(port),
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # The scoring server runs `uvicorn` from PATH: this environment's, as an activated venv has it.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
     server = subprocess.Popen(
         argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -179,7 +178,8 @@ def test_two_pipelines_compare_in_the_mlflow_ui(mlflow_server, tmp_path, monkeyp
     names = {key: f"{key}-{uuid.uuid4().hex[:6]}" for key in SETTINGS}
     started = time.perf_counter()
     summaries = {
-        key: _pipeline(tmp_path / key, mlflow_server, experiment, names[key], extra) for key, extra in SETTINGS.items()
+        key: _pipeline(tmp_path / key, mlflow_server, experiment, names[key], *settings)
+        for key, settings in SETTINGS.items()
     }
     print(f"\ntwo pipelines in {time.perf_counter() - started:.0f} s")
     client = MlflowClient(mlflow_server)
@@ -237,7 +237,7 @@ def test_two_pipelines_compare_in_the_mlflow_ui(mlflow_server, tmp_path, monkeyp
         assert run.data.metrics["knn_top1"] == pytest.approx(summaries[key]["knn_top1_trained"])
         assert run.data.metrics["images_per_s"] > 0 and run.data.metrics["wall_seconds"] > 0
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(
-            range(1, int(SETTINGS[key][1]) + 1)
+            range(1, int(SETTINGS[key][0][1]) + 1)
         )
         assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
     metrics, params = compare_rows(runs["a"], runs["b"])
