@@ -213,7 +213,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         summary, seconds["pretrain"] = _timed(lambda: pretrain(cfg, run_dir, s.max_steps, progress=s.progress))
         parent.params(to_dict(cfg))  # the resolved training config: what two runs differ in
         parent.artifact(join(run_dir, "config.yaml"))
-        _record_training(parent, run_dir)
+        _record_training(parent, run_dir, summary["step"])
 
         weights_uri = join(run_dir, "export", "teacher_backbone.pth")
         with stage_lineage("export", run_dir) as lineage:
@@ -257,11 +257,14 @@ def _settings_params(settings: PipelineSettings) -> dict[str, Any]:
     return params | {"output": absolute_uri(settings.output)}
 
 
-def _record_training(parent: Lineage, run_dir: str) -> None:
+def _record_training(parent: Lineage, run_dir: str, last_step: int) -> None:
     """The training run's loss curve and mean throughput on the pipeline run too, so that two
-    pipeline runs overlay their curves on MLflow's compare page."""
+    pipeline runs overlay their curves on MLflow's compare page. A resumed run's log repeats the
+    steps after its last checkpoint (and an interrupted attempt may have gone past ``last_step``):
+    the latest record of each step up to ``last_step`` counts."""
     with fsspec.open(join(run_dir, "metrics.jsonl"), "r") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+        by_step = {record["step"]: record for line in handle if line.strip() and (record := json.loads(line))}
+    records = [by_step[step] for step in sorted(by_step) if step <= last_step]
     for record in records:
         parent.metrics({"loss": record["loss"]}, step=record["step"])
     if records:

@@ -370,3 +370,26 @@ def test_ui_serves_a_run_directory_and_an_older_file_store(tmp_path, monkeypatch
     finally:
         ui.terminate()
         ui.wait(timeout=60)
+
+
+def test_pipeline_loss_curve_takes_the_latest_record_of_each_step(tmp_path):
+    """A resumed (or interrupted and rerun) training log repeats steps: the pipeline run gets the
+    latest record of each step, none past the run's last step, and their mean throughput."""
+    from dinoforge.lineage import Lineage, read_journal
+    from dinoforge.pipeline import _record_training
+
+    records = [(1, 9.0, 10.0), (2, 8.0, 10.0), (3, 7.0, 10.0), (4, 6.0, 10.0), (1, 5.0, 20.0), (2, 4.0, 20.0)]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": loss, "images_per_s": ips}) + "\n" for s, loss, ips in records)
+    )
+    parent = Lineage(
+        str(tmp_path / "lineage"), "pipeline", tracking_uri=f"http://127.0.0.1:{free_port()}", sync_every_s=3600
+    )
+    _record_training(parent, str(tmp_path / "run"), last_step=2)
+    events = [e for e in read_journal(str(tmp_path / "lineage"))[parent.key] if e["type"] == "metrics"]
+    assert [(e["step"], e["values"]) for e in events] == [
+        (1, {"loss": 5.0}),
+        (2, {"loss": 4.0}),
+        (None, {"images_per_s": 20.0}),
+    ]
