@@ -33,12 +33,14 @@ def default_image() -> str:
     return f"{IMAGE_REPOSITORY}:{version()}"
 
 
-@functools.cache
 def git_commit() -> str | None:
     """The source commit: ``DINOFORGE_GIT_COMMIT`` (baked into the image at build time), else HEAD of
     the git checkout this module was imported from, if it is one."""
-    if commit := os.environ.get("DINOFORGE_GIT_COMMIT"):
-        return commit
+    return os.environ.get("DINOFORGE_GIT_COMMIT") or _checkout_head()
+
+
+@functools.cache
+def _checkout_head() -> str | None:
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5

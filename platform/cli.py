@@ -150,12 +150,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     unless ``MLFLOW_TRACKING_URI`` is set."""
     from dinoforge.pipeline import PipelineSettings, print_summary, run_pipeline
 
-    output = args.output or ("runs/local" if args.local else None)
+    output = args.output or ("runs/local" if args.local else None)  # dinoforge.lineage.locate.LOCAL_OUTPUT
     if output is None:
         print("dinoforge: pipeline needs --output URI (or --local for runs/local)", file=sys.stderr)
         return 2
+    tracking_uri = args.tracking_uri
+    if args.local and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from dinoforge.lineage.locate import LOCAL_ROOT
+        from dinoforge.lineage.store import local_store
+
+        tracking_uri = local_store(LOCAL_ROOT)  # one store for all local runs: they compare side by side
     settings = PipelineSettings(
-        output=output, preset=args.preset, overrides=tuple(args.overrides), pool_size=args.pool_size, eval_size=args.eval_size,
+        tracking_uri=tracking_uri, run_name=args.run_name, output=output, preset=args.preset, overrides=tuple(args.overrides), pool_size=args.pool_size, eval_size=args.eval_size,
         curated_size=args.curated_size, curation_weights=args.curation_weights, dedup_method=args.dedup, max_steps=args.max_steps,
         train_limit=args.train_limit, test_limit=args.test_limit, compare_random_init=args.compare_random_init,
         data=DataConfig(fashion_mnist_root=args.fashion_mnist_root), progress=not args.no_progress,
@@ -170,6 +176,27 @@ def cmd_lineage_sync(args: argparse.Namespace) -> int:
     counts = sync_journal(args.journal, args.tracking_uri)
     print(json.dumps({"journal": args.journal, **counts}))
     return 0 if counts["pending"] == 0 else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from dinoforge.lineage.ui import serve
+
+    try:
+        return serve(args.run_dir, args.tracking_uri, args.host, args.port)
+    except ValueError as error:  # no store found for the run directory
+        print(f"dinoforge: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dinoforge.lineage.compare import print_compare
+
+    try:
+        print_compare(args.run_a, args.run_b, args.tracking_uri)
+    except ValueError as error:  # not a run directory with a synced pipeline run
+        print(f"dinoforge: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse_bytes(text: str) -> int:
@@ -509,7 +536,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="k-NN: only the first N Fashion-MNIST training images")
     p.add_argument("--test-limit", type=int, default=None, help="k-NN: only the first N Fashion-MNIST test images")
     p.add_argument("--compare-random-init", action="store_true", help="also evaluate the same network at random init (LayerScale 1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: MLFLOW_TRACKING_URI; --local: runs/mlflow.db; else OUT/mlflow.db)")
+    p.add_argument("--run-name", default=None, help="the pipeline's MLflow run name (default: preset and start time)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on a run's tracking store (prints its address)")
+    p.add_argument("run_dir", nargs="?", default=None, help="a pipeline's output (default: runs/local)")
+    p.add_argument("--tracking-uri", default=None, help="a store instead: sqlite:///..., file:///..., or a server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("compare", help="two pipeline runs side by side: headline metrics and the params that differ")
+    p.add_argument("run_a", help="a pipeline's output directory, or an MLflow run id")
+    p.add_argument("run_b")
+    p.add_argument("--tracking-uri", default=None, help="where run ids are (default: MLFLOW_TRACKING_URI, else runs/local's store)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="time the training step on synthetic data: images/s, memory, TFLOP/s, MFU per lever")
     _add_config_args(p)
@@ -530,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="lineage_command", required=True)
     sync = commands.add_parser("sync", help="push a journal's pending events to MLflow (idempotent); exit 1 while some stay pending")
     sync.add_argument("journal", help="journal directory URI, e.g. runs/local/lineage")
-    sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the file store beside the journal")
+    sync.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the store the journal recorded, else OUT/mlflow.db")
     sync.set_defaults(func=cmd_lineage_sync)
 
     p = sub.add_parser("operator", help="run the DinoPipeline operator (kopf; needs the [operator] extra)")

@@ -2,10 +2,11 @@
 # Installs what dinoforge needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
 # Debian's Fashion-MNIST package (the embedded default dataset) and a venv in .venv.
 # `--test` adds the test dependencies: the MLflow server, object-store emulators, Kubernetes
-# schema validation (pip), Prometheus (Debian), which the tests start as real servers, the helm
-# binary (.venv/bin/helm) for the chart tests, the container tools that build and run the image
-# (Debian's podman, buildah, mmdebstrap, runc and docker-registry), and checkov in a venv of its
-# own (.venv/tools/checkov: its pins would downgrade botocore below what s3fs needs).
+# schema validation (pip), Prometheus (Debian), which the tests start as real servers, Chromium
+# (Debian) for the MLflow UI test, the helm binary (.venv/bin/helm) for the chart tests, the
+# container tools that build and run the image (Debian's podman, buildah, mmdebstrap, runc and
+# docker-registry), and checkov in a venv of its own (.venv/tools/checkov: its pins would
+# downgrade botocore below what s3fs needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="" packages=()
@@ -13,6 +14,8 @@ extras="" packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 if [ -n "$extras" ]; then
   command -v prometheus >/dev/null || packages+=(prometheus)
+  # Headless Chromium opens the MLflow UI in the end-to-end test (tests/test_mlflow_compare.py).
+  command -v chromium >/dev/null || packages+=(chromium)
   for tool in podman buildah mmdebstrap runc fuse-overlayfs slirp4netns; do
     command -v "$tool" >/dev/null || packages+=("$tool")
   done

@@ -521,7 +521,7 @@ def test_rules_read_only_metrics_that_telemetry_exports(telemetry_metrics):
 # --- Grafana dashboards ---
 
 DASHBOARDS = sorted((CHART.path / "dashboards").glob("*.json"))
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$job": ".*", "$stage": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*", "$job": ".*", "$stage": ".*"}
 
 
 def panel_queries() -> list[tuple[str, str, str]]:
@@ -534,7 +534,7 @@ def panel_queries() -> list[tuple[str, str, str]]:
     return queries
 
 
-def test_dashboards_ship_as_sidecar_configmaps_with_job_and_stage_variables():
+def test_dashboards_ship_as_sidecar_configmaps_with_namespace_job_and_stage_variables():
     assert [path.name for path in DASHBOARDS] == ["gpus.json", "training.json"]
     maps = [doc for doc in render("kube-prometheus-stack.yaml") if doc["kind"] == "ConfigMap" and "grafana_dashboard" in
             doc["metadata"]["labels"]]
@@ -543,7 +543,7 @@ def test_dashboards_ship_as_sidecar_configmaps_with_job_and_stage_variables():
         "grafana_folder": "dinoforge"} for doc in maps)
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
-        assert {var["name"] for var in dashboard["templating"]["list"]} == {"datasource", "job", "stage"}
+        assert [var["name"] for var in dashboard["templating"]["list"]] == ["datasource", "namespace", "job", "stage"]
         assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     assert not [doc for doc in render(None, "dashboards.enabled=false") if "grafana_dashboard" in doc["metadata"]["labels"]]
 
@@ -558,6 +558,16 @@ def test_dashboard_queries_cover_the_topics_and_read_only_telemetry_metrics(tele
                   "dinoforge_gpu_memory_used_bytes", "dinoforge_gpu_power_watts", "dinoforge_data_wait_seconds_total",
                   "dinoforge_checkpoint_seconds", "dinoforge_checkpoint_bytes"):
         assert topic in read, f"no panel shows {topic}"
+
+
+def test_dashboard_queries_keep_jobs_of_different_namespaces_apart():
+    """Two jobs of the same name in two namespaces: every query filters by the namespace variable
+    and every aggregation keeps the namespace, so their series never merge."""
+    for dashboard, title, expr in panel_queries():
+        selectors = re.findall(r"\{[^}]*\}", expr)
+        assert selectors and all('namespace=~"$namespace"' in selector for selector in selectors), (dashboard, title)
+        for grouping in re.findall(r"by \(([^)]*)\)", expr):
+            assert "namespace" in grouping.split(", ") or "job" not in grouping, (dashboard, title, grouping)
 
 
 def test_every_dashboard_query_parses_with_promtool(tmp_path):
