@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import posixpath
 import sys
 
+from dinoforge import build_info
 from dinoforge.arguments import LazyParser, add_flags, build_from
 from dinoforge.commands import curate, data, evaluate
 from dinoforge.config import DEFAULT_PRESET, ConfigError, load_config, preset_names, to_dict
@@ -81,6 +83,8 @@ def _pipeline_flags(parser: argparse.ArgumentParser) -> None:
         "train_limit": "k-NN: only the first N Fashion-MNIST training images",
         "test_limit": "k-NN: only the first N Fashion-MNIST test images",
         "compare_random_init": "also evaluate the same network at random init (LayerScale 1)",
+        "tracking_uri": "MLflow store (default: MLFLOW_TRACKING_URI; --local: runs/mlflow.db; else OUT/mlflow.db)",
+        "run_name": "the pipeline's MLflow run name (default: preset and start time)",
     }
     dedup = {"choices": DEDUP_METHODS + ("none",)}
     add_flags(parser, PipelineSettings, helps, {"dedup_method": "--dedup"}, dedup_method=dedup)
@@ -92,11 +96,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     unless ``MLFLOW_TRACKING_URI`` is set."""
     from dinoforge.pipeline import PipelineSettings, print_summary, run_pipeline
 
-    output = args.output or ("runs/local" if args.local else None)
+    output = args.output or ("runs/local" if args.local else None)  # dinoforge.lineage.locate.LOCAL_OUTPUT
     if output is None:
         print("dinoforge: pipeline needs --output URI (or --local for runs/local)", file=sys.stderr)
         return 2
-    print_summary(run_pipeline(build_from(PipelineSettings, args, output=output)))
+    tracking_uri = args.tracking_uri
+    if args.local and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from dinoforge.lineage.locate import LOCAL_ROOT
+        from dinoforge.lineage.store import local_store
+
+        tracking_uri = local_store(LOCAL_ROOT)  # one store for all local runs: they compare side by side
+    print_summary(run_pipeline(build_from(PipelineSettings, args, output=output, tracking_uri=tracking_uri)))
     return 0
 
 
@@ -106,6 +116,27 @@ def cmd_lineage_sync(args: argparse.Namespace) -> int:
     counts = sync_journal(args.journal, args.tracking_uri)
     print(json.dumps({"journal": args.journal, **counts}))
     return 0 if counts["pending"] == 0 else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from dinoforge.lineage.ui import serve
+
+    try:
+        return serve(args.run_dir, args.tracking_uri, args.host, args.port)
+    except ValueError as error:  # no store found for the run directory
+        print(f"dinoforge: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dinoforge.lineage.compare import print_compare
+
+    try:
+        print_compare(args.run_a, args.run_b, args.tracking_uri)
+    except ValueError as error:  # not a run directory with a synced pipeline run
+        print(f"dinoforge: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +163,7 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
+
     from dinoforge import bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -162,6 +194,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = LazyParser(prog="dinoforge", description="DINOv2 pretraining, export and evaluation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    version = build_info.describe()
+    parser.add_argument("--version", action="version", version=version, help="print the version and source commit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved configuration")
@@ -183,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     what = "curate -> pretrain -> export -> evaluate, with MLflow lineage and a summary"
     sub.add_parser("pipeline", help=what, populate=_pipeline_flags).set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on a run's tracking store (prints its address)")
+    p.add_argument("run_dir", nargs="?", default=None, help="a pipeline's output (default: runs/local)")
+    p.add_argument("--tracking-uri", default=None, help="a store instead: sqlite:///..., file:///..., or a server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("compare", help="two pipeline runs side by side: headline metrics and the params that differ")
+    p.add_argument("run_a", help="a pipeline's output directory, or an MLflow run id")
+    p.add_argument("run_b")
+    where = "where run ids are (default: MLFLOW_TRACKING_URI, else runs/local's store)"
+    p.add_argument("--tracking-uri", default=None, help=where)
+    p.set_defaults(func=cmd_compare)
+
     what = "time the training step on synthetic data: images/s, memory, TFLOP/s, MFU per lever"
     sub.add_parser("bench", help=what, populate=_bench_flags).set_defaults(func=cmd_bench)
 
@@ -192,9 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sync", help="push a journal's pending events to MLflow (idempotent); exit 1 while some stay pending"
     )
     sync.add_argument("journal", help="journal directory URI, e.g. runs/local/lineage")
-    sync.add_argument(
-        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the file store beside the journal"
-    )
+    store = "default: MLFLOW_TRACKING_URI, else the store the journal recorded, else OUT/mlflow.db"
+    sync.add_argument("--tracking-uri", default=None, help=store)
     sync.set_defaults(func=cmd_lineage_sync)
 
     p = sub.add_parser("operator", help="run the DinoPipeline operator (kopf; needs the [operator] extra)")

@@ -65,6 +65,7 @@ def _pretrain(cfg: Config, output: str, max_steps: int | None, progress: bool, w
     try:
         with lineage:
             summary = _train(cfg, output, max_steps, progress, world, telemetry, lineage)
+            lineage.artifact(join(output, "config.yaml"))  # the resolved config, as the run used it
             if summary["last_checkpoint_uri"]:
                 uri = summary["last_checkpoint_uri"]
                 lineage.output(uri, checkpoint_digest(uri), name="checkpoint", kind="checkpoint")
