@@ -58,6 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """One protocol (or the suite's chosen set) on exported weights, optionally next to the same
     architecture at random init; under torchrun, k-NN shards the train set across ranks."""
     import torch
+
     from dinoforge.eval.suite import SuiteSettings, parse_protocols
     from dinoforge.export import build_from_meta, load_backbone
     from dinoforge.lineage import stage_lineage

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from dinoforge.eval.features import cls_features, labelled_images
 from torch import Tensor, nn
+
+from dinoforge.eval.features import cls_features, labelled_images
 
 if TYPE_CHECKING:
     from dinoforge.distributed import World
