@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from dinoforge.data.decode import DecodeLimits, decode_image
-from dinoforge.model.augment import BLUR_PROBABILITIES, CROP_RATIO, MultiCropAugmentation, MultiCropSpec
+from dinoforge.data.augment import BLUR_PROBABILITIES, CROP_RATIO, MultiCropAugmentation, MultiCropSpec
 
 
 def natural_jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from dinoforge.checkpoint import latest_checkpoint
-from dinoforge.cli import knn_eval
+from dinoforge.eval.knn import knn_eval
 from dinoforge.config import DataConfig, load_config
 from dinoforge.eval.features import labelled_images
 from dinoforge.export import export_backbone, load_backbone

@@ -26,13 +26,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_step import synthetic_batch  # noqa: E402  (the sibling benchmark's data)
-
-from dinoforge.config import load_config  # noqa: E402
-from dinoforge.distributed import close_world, init_world, shard_model  # noqa: E402
-from dinoforge.model.optim import param_groups  # noqa: E402
-from dinoforge.train import build_meta_arch, train_step  # noqa: E402
+from dinoforge.bench import synthetic_batches
+from dinoforge.config import load_config
+from dinoforge.distributed import close_world, init_world, shard_model
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
+from dinoforge.training.optim import param_groups
 
 
 def _local_bytes(tensors) -> int:
@@ -53,7 +52,7 @@ def measure(preset: str, overrides: list[str], batch_size: int, steps: int, warm
     if world.world_size > 1:
         shard_model(model, world, cfg.train.precision)
     optimizer = torch.optim.AdamW(param_groups(model.student, 1.0, 1.0), lr=1e-4)
-    batch, masks = synthetic_batch(cfg, batch_size, world.device, seed=world.rank)
+    batch = synthetic_batches(cfg, batch_size, world.device, count=1, seed=world.rank)[0]
     values = {"teacher_temp": 0.07, "momentum": 0.994}
     for i in range(warmup + steps):
         if i == warmup:
@@ -63,7 +62,7 @@ def measure(preset: str, overrides: list[str], batch_size: int, steps: int, warm
             if world.distributed:
                 dist.barrier()
             start = time.perf_counter()
-        train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad)
+        train_step(model, optimizer, batch, values, cfg.optim.clip_grad)
     if world.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps

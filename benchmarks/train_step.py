@@ -21,7 +21,8 @@ import torch
 
 from dinoforge.bench import synthetic_batches
 from dinoforge.config import load_config
-from dinoforge.train import build_meta_arch, train_step
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def count_saved_bytes(total: list[int]):
         yield
 
 
-def measure(model, cfg, batch, masks, steps: int, warmup: int, device, autocast_dtype) -> dict:
+def measure(model, cfg, batch, steps: int, warmup: int, device, autocast_dtype) -> dict:
     optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-4)
     values = {"teacher_temp": 0.07, "momentum": 0.994}
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -46,7 +47,7 @@ def measure(model, cfg, batch, masks, steps: int, warmup: int, device, autocast_
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         with autocast, (count_saved_bytes(saved) if i == warmup else contextlib.nullcontext()):
-            train_step(model, optimizer, batch, masks, values, cfg.optim.clip_grad)
+            train_step(model, optimizer, batch, values, cfg.optim.clip_grad)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
@@ -71,15 +72,14 @@ def main() -> None:
     cfg = load_config(args.preset, args.overrides)
     device = torch.device(args.device)
     batch_size = args.batch or cfg.train.batch_size_per_gpu
-    first = synthetic_batches(cfg, batch_size, device, count=1)[0]
-    batch, masks = first.crops, first.masks
+    batch = synthetic_batches(cfg, batch_size, device, count=1)[0]
     autocast_dtype = None if args.autocast == "none" else getattr(torch, args.autocast)
     torch.manual_seed(0)
     model = build_meta_arch(cfg).to(device).train()
     results = {}
     for mode in ("per_crop", "packed"):
         model.packed = mode == "packed"
-        results[mode] = measure(model, cfg, batch, masks, args.steps, args.warmup, device, autocast_dtype)
+        results[mode] = measure(model, cfg, batch, args.steps, args.warmup, device, autocast_dtype)
         print(json.dumps({"mode": mode, "preset": args.preset, "batch": batch_size, "device": str(device),
                           "threads": torch.get_num_threads(), **{k: round(v, 4) for k, v in results[mode].items()}}))
     ratio = {

@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from torchx import specs
 
+from dinoforge.build_info import default_image
+
 F = TypeVar("F", bound=Callable[..., specs.AppDef])
 
 # Shown in every component's --help, before its arguments.
@@ -57,7 +59,7 @@ TorchX's pod labels (``torchx.pytorch.org/app-name``, ``torchx.pytorch.org/role-
 # The Args entries of the Launch fields, appended to every component's docstring.
 LAUNCH_ARGS_DOC = """\
 name: job name: the TorchX app name and DINOFORGE_JOB (Kubernetes adds a unique suffix to the Volcano Job's name)
-image: container image with dinoforge installed (unused by the local schedulers)
+image: container image with dinoforge installed (default: the release of this version; unused by local_cwd)
 nnodes: nodes: N, or MIN:MAX for an elastic job (torchrun --nnodes; one pod per node, the first MIN required)
 nproc_per_node: worker processes per node (torchrun --nproc-per-node)
 gpus_per_node: GPUs per node (0: CPU only; else at least nproc_per_node, one per process)
@@ -120,7 +122,7 @@ class Launch:
     (``image: str = Launch.image``), so each default is written once."""
 
     name: str
-    image: str = "ghcr.io/dinoforge/dinoforge:latest"
+    image: str = default_image()
     nnodes: str = "1"
     nproc_per_node: int = 1
     gpus_per_node: int = 0

@@ -9,7 +9,7 @@ Differences from the self-supervised objective (``dinoforge.model.ssl``):
 * a spare EMA of the student (``self.ema``) is the model that gets exported.
 
 The training loop drives it exactly like ``SSLMetaArch``: ``forward(global_crops, local_crops,
-masks, teacher_temperature)`` and ``update_teacher(momentum)`` after each optimizer step, which
+masks, teacher_temperature)``, then the EMA over ``ema_pairs()`` after each optimizer step, which
 here updates the spare EMA.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from dinoforge.model.heads import DINOHead
-from dinoforge.model.losses import SoftmaxCentering
-from dinoforge.model.ssl import ObjectiveConfig, SSLMetaArch, _heads, _local, objective
+from dinoforge.model.meta_arch import Levers, MetaArch
+from dinoforge.model.objective import ObjectiveConfig, build_heads
 from dinoforge.model.vit import DinoVisionTransformer
 
 
@@ -38,7 +38,7 @@ def random_frozen_heads(embed_dim: int, cfg: ObjectiveConfig, seed: int) -> tupl
     """Seeded random, frozen DINO and iBOT heads for a teacher that comes without heads
     (official-format backbone weights ship only the backbone).
 
-    The heads are built as ``SSLMetaArch`` builds them (``cfg.dino_head`` / ``cfg.ibot_head``,
+    The heads are built as a student's are (``build_heads``: ``cfg.dino_head`` / ``cfg.ibot_head``,
     shared when ``cfg.separate_ibot_head`` is false) with their usual random initialisation drawn
     from ``seed``: the same seed always gives the same heads, and the global RNG is left as it was.
     They are never trained, so the student then learns to match the teacher's features through a
@@ -46,38 +46,50 @@ def random_frozen_heads(embed_dim: int, cfg: ObjectiveConfig, seed: int) -> tupl
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dino, ibot = _heads(embed_dim, cfg)
+        dino, ibot = build_heads(embed_dim, cfg)
     for head in (dino, ibot):
         head.requires_grad_(False)
         head.eval()
     return dino, ibot
 
 
-class DistillMetaArch(nn.Module):
-    def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer,
-                 teacher_dino_head: DINOHead, teacher_ibot_head: DINOHead, cfg: ObjectiveConfig) -> None:
+class DistillMetaArch(MetaArch):
+    released_branch = "ema"  # the spare EMA of the student is the model a distillation run releases
+
+    def __init__(
+        self,
+        student_backbone: DinoVisionTransformer,
+        teacher_backbone: DinoVisionTransformer,
+        teacher_dino_head: DINOHead,
+        teacher_ibot_head: DINOHead,
+        cfg: ObjectiveConfig,
+        levers: Levers = Levers(),
+    ) -> None:
         """``student_backbone`` must have no stochastic depth (build it with drop_path_rate 0);
         the student heads are new heads from ``cfg`` whose prototype counts must equal the teacher
         heads'. The teacher modules are frozen in place; the spare EMA starts as the student."""
-        super().__init__()
-        self.fused_loss = False  # set by the trainer (train.fused_loss)
-        self.compile_losses = False  # set by the trainer (train.compile)
+        super().__init__(cfg, levers)
         rates = [block.drop_path_rate for block in student_backbone.blocks]
         if any(rate != 0.0 for rate in rates):
-            raise ValueError(f"distillation uses no stochastic depth, but the student's blocks have drop_path_rate {rates}")
+            raise ValueError(
+                f"distillation uses no stochastic depth, but the student's blocks have drop_path_rate {rates}"
+            )
         if student_backbone.patch_size != teacher_backbone.patch_size:
             raise ValueError(
-                f"student patch size {student_backbone.patch_size} != teacher patch size {teacher_backbone.patch_size}: "
-                "the iBOT loss pairs student and teacher patch tokens one to one"
+                f"student patch size {student_backbone.patch_size} != teacher patch size "
+                f"{teacher_backbone.patch_size}: the iBOT loss pairs student and teacher patch tokens one to one"
             )
         for name, head in (("dino", teacher_dino_head), ("ibot", teacher_ibot_head)):
             if _in_dim(head) != teacher_backbone.embed_dim:
                 raise ValueError(
-                    f"teacher {name} head takes {_in_dim(head)}-dim inputs, teacher backbone embed_dim is {teacher_backbone.embed_dim}"
+                    f"teacher {name} head takes {_in_dim(head)}-dim inputs, "
+                    f"teacher backbone embed_dim is {teacher_backbone.embed_dim}"
                 )
-        self.cfg = cfg
-        dino_head, ibot_head = _heads(student_backbone.embed_dim, cfg)
-        for name, student_head, teacher_head in (("dino", dino_head, teacher_dino_head), ("ibot", ibot_head, teacher_ibot_head)):
+        dino_head, ibot_head = build_heads(student_backbone.embed_dim, cfg)
+        for name, student_head, teacher_head in (
+            ("dino", dino_head, teacher_dino_head),
+            ("ibot", ibot_head, teacher_ibot_head),
+        ):
             if _n_prototypes(student_head) != _n_prototypes(teacher_head):
                 raise ValueError(
                     f"student {name} head has {_n_prototypes(student_head)} prototypes (objective config) but the "
@@ -90,32 +102,25 @@ class DistillMetaArch(nn.Module):
         self.teacher.requires_grad_(False)
         self.ema = copy.deepcopy(self.student)
         self.ema.requires_grad_(False)
-        if cfg.centering == "softmax":
-            # Sized from the heads (equal to cfg's counts unless the iBOT head is shared).
-            self.dino_center = SoftmaxCentering(_n_prototypes(teacher_dino_head), cfg.center_momentum)
-            self.ibot_center = SoftmaxCentering(_n_prototypes(teacher_ibot_head), cfg.center_momentum)
+        # Sized from the heads (equal to cfg's counts unless the iBOT head is shared).
+        self._add_centering(_n_prototypes(teacher_dino_head), _n_prototypes(teacher_ibot_head))
+        self._apply_levers()
         self.train()
 
     def train(self, mode: bool = True) -> "DistillMetaArch":
         super().train(mode)
         self.teacher.eval()  # frozen, pretrained: always in inference mode
-        self.ema.eval()  # only ever updated by update_teacher, never run in training mode
+        self.ema.eval()  # only ever updated as an EMA, never run in training mode
         return self
 
-    # Same centering (Sinkhorn-Knopp, or softmax centering with this module's centers) as SSL.
-    _targets = SSLMetaArch._targets
-
-    @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """Centred teacher distributions for the global crops' CLS tokens (2B, K) and for all
-        their patch tokens (2B * P, K), in (image, patch) row-major order."""
-        out = self.teacher["backbone"].forward_features(global_crops)
-        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
-        patch_logits = self.teacher["ibot_head"](out["x_norm_patchtokens"].flatten(0, 1))
-        return self._targets(cls_logits, temperature, "dino_center"), self._targets(patch_logits, temperature, "ibot_center")
-
-    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor | None,
-                teacher_temperature: float, mask_rows: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        global_crops: Tensor,
+        local_crops: Tensor | None,
+        masks: Tensor | None,
+        teacher_temperature: float,
+        mask_rows: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """global_crops (2B, 3, G, G) and local_crops (nL*B, 3, L, L) are crop-major, as for
         ``SSLMetaArch``. ``masks`` and ``mask_rows`` are accepted for the same interface and ignored: nothing is
         masked, and the iBOT loss covers every patch of the global crops, each image weighted
@@ -128,13 +133,18 @@ class DistillMetaArch(nn.Module):
         global_patches = outputs[0]["x_norm_patchtokens"]  # (2B, P, D)
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outputs])
         all_patches = torch.ones(global_patches.shape[:2], dtype=torch.bool, device=global_patches.device)
-        heads = (self.student["dino_head"], self.student["ibot_head"])
-        return objective(self.cfg, heads, cls_tokens, dino_targets, global_patches.flatten(0, 1), ibot_targets, all_patches,
-                         outputs[0]["x_norm_clstoken"], fused=self.fused_loss, compile=self.compile_losses)
+        return self._objective(
+            cls_tokens,
+            dino_targets,
+            global_patches.flatten(0, 1),
+            ibot_targets,
+            all_patches,
+            outputs[0]["x_norm_clstoken"],
+        )
 
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """Named for the training loop's EMA hook: updates the spare EMA of the student,
-        ema <- m * ema + (1 - m) * student, as one fused lerp over local shards (the EMA must be
-        sharded like the student). The frozen teacher never changes."""
-        torch._foreach_lerp_(_local(self.ema.parameters()), _local(self.student.parameters()), 1.0 - momentum)
+    def branches(self) -> list[nn.ModuleDict]:
+        return [self.student, self.teacher, self.ema]  # the spare EMA is sharded like the student
+
+    def ema_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The spare EMA follows the student; the frozen teacher never changes."""
+        return list(self.ema.parameters()), list(self.student.parameters())

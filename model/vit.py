@@ -2,15 +2,15 @@
 
 Parameter names and shapes are exactly those of the released DINOv2 backbones
 (facebookresearch/dinov2 ``DinoVisionTransformer`` with ``block_chunks=0``), so official
-weights load with ``load_state_dict(strict=True)``. Differences that do not change the
-maths: attention uses ``F.scaled_dot_product_attention`` instead of xformers, and crops of
-different sizes are packed through each block (see ``layers.py``).
+weights load with ``load_state_dict(strict=True)`` (``spec.py`` names the architectures and
+builds them). Differences that do not change the maths: attention uses
+``F.scaled_dot_product_attention`` instead of xformers, and crops of different sizes are
+packed through each block (see ``layers.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,27 +18,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dinoforge.model.layers import Block
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    ffn_layer: str = "mlp"
-
-
-# Official widths (paper Table 2 / dinov2 vision_transformer.py). vit_giant2 uses SwiGLU in
-# every released checkpoint; the pico/nano/tiny sizes are ours, for CPU runs.
-ARCHS: dict[str, ArchSpec] = {
-    "vit_pico": ArchSpec(64, 4, 2),
-    "vit_nano": ArchSpec(128, 4, 4),
-    "vit_tiny": ArchSpec(192, 6, 3),
-    "vit_small": ArchSpec(384, 12, 6),
-    "vit_base": ArchSpec(768, 12, 12),
-    "vit_large": ArchSpec(1024, 24, 16),
-    "vit_giant2": ArchSpec(1536, 40, 24, ffn_layer="swiglu"),
-}
 
 
 class PatchEmbed(nn.Module):
@@ -227,37 +206,3 @@ class DinoVisionTransformer(nn.Module):
             return tuple(zip(outputs, class_tokens))
         return tuple(outputs)
 
-
-def build_backbone(
-    arch: str,
-    patch_size: int = 14,
-    img_size: int = 518,
-    num_register_tokens: int = 0,
-    ffn_layer: str | None = None,
-    drop_path_rate: float = 0.0,
-    drop_path_uniform: bool = True,
-    layerscale_init: float | None = 1e-5,
-    interpolate_offset: float = 0.1,
-    interpolate_antialias: bool = False,
-    in_chans: int = 3,
-) -> DinoVisionTransformer:
-    """Builds a named architecture; ``ffn_layer=None`` takes the architecture's default
-    (SwiGLU for vit_giant2, MLP otherwise)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)}")
-    spec = ARCHS[arch]
-    return DinoVisionTransformer(
-        img_size=img_size,
-        patch_size=patch_size,
-        in_chans=in_chans,
-        embed_dim=spec.embed_dim,
-        depth=spec.depth,
-        num_heads=spec.num_heads,
-        ffn_layer=ffn_layer or spec.ffn_layer,
-        num_register_tokens=num_register_tokens,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=drop_path_uniform,
-        layerscale_init=layerscale_init,
-        interpolate_offset=interpolate_offset,
-        interpolate_antialias=interpolate_antialias,
-    )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import threading
 from typing import Any, Mapping
 
 import kopf
@@ -37,7 +36,6 @@ DONE, FAILED = {"Completed"}, {"Failed", "Aborted", "Terminated"}  # Volcano Job
 
 log = logging.getLogger("dinoforge.operator")
 _api: client.CustomObjectsApi | None = None
-_lineage_lock = threading.Lock()  # lineage swaps process environment variables while it syncs
 _lineages: dict[str, Any] = {}  # pipeline uid -> its open lineage.Lineage
 
 
@@ -106,12 +104,10 @@ def open_lineage(spec: Mapping[str, Any], name: str, uid: str, stages: list[Stag
     from dinoforge.lineage import Lineage
 
     mlflow = spec.get("mlflow") or {}
-    with _lineage_lock:
-        parent = Lineage(join(spec["output"], "lineage"), "pipeline", run_name=f"pipeline-{name}",
-                         tracking_uri=mlflow.get("trackingUri") or None, experiment=mlflow.get("experiment") or None,
-                         tags={"dinoforge.pipeline": name})
-        parent.params({"pool": spec["pool"], "output": spec["output"],
-                       "stages": ",".join(s.name for s in stages)})
+    parent = Lineage(join(spec["output"], "lineage"), "pipeline", run_name=f"pipeline-{name}",
+                     tracking_uri=mlflow.get("trackingUri") or None, experiment=mlflow.get("experiment") or None,
+                     tags={"dinoforge.pipeline": name})
+    parent.params({"pool": spec["pool"], "output": spec["output"], "stages": ",".join(s.name for s in stages)})
     _lineages[uid] = parent
     return parent.key
 
@@ -121,8 +117,7 @@ def close_lineage(uid: str, status: str) -> None:
     open in the journal until ``dinoforge lineage sync``)."""
     parent = _lineages.pop(uid, None)
     if parent is not None:
-        with _lineage_lock:
-            parent.end(status)
+        parent.end(status)
 
 
 # ----------------------------------------------------------------------------- jobs

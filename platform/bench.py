@@ -17,16 +17,17 @@ import json
 import platform as host
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinoforge.config import Config, load_config
-from dinoforge.distributed import PRECISIONS, World
-from dinoforge.model.masking import masked_rows, sample_masks
-from dinoforge.model.optim import apply_schedules
-from dinoforge.train import build_meta_arch, build_optimizer, prepare_model, train_step
+from dinoforge.data.masking import sample_masks
+from dinoforge.distributed import PRECISIONS
+from dinoforge.model.objective import masked_rows
+from dinoforge.train import train_step
+from dinoforge.training.build import build_meta_arch
+from dinoforge.training.optim import apply_schedules, build_optimizer
 
 # Each variant's overrides on top of the preset; the baseline is our eager step.
 LEVERS = {
@@ -47,14 +48,9 @@ def variant_overrides(name: str) -> list[str]:
     return list(LEVERS[name])
 
 
-@dataclass(frozen=True)
-class Batch:
-    crops: dict[str, torch.Tensor]
-    masks: torch.Tensor
-    mask_rows: torch.Tensor  # found on the host, as the trainer does
-
-
-def synthetic_batches(cfg: Config, batch: int, device: torch.device, count: int = 3, seed: int = 0) -> list[Batch]:
+def synthetic_batches(
+    cfg: Config, batch: int, device: torch.device, count: int = 3, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """``count`` batches of random crops with freshly drawn iBOT masks (the number of masked
     patches changes from batch to batch, as in training)."""
     g = torch.Generator().manual_seed(seed)
@@ -65,8 +61,11 @@ def synthetic_batches(cfg: Config, batch: int, device: torch.device, count: int 
         crops = {"global_crops": torch.randn(2 * batch, 3, size, size, generator=g)}
         if n_local:
             crops["local_crops"] = torch.randn(n_local * batch, 3, local, local, generator=g)
-        masks = sample_masks(2 * batch, (grid, grid), g, cfg.objective.mask_probability, cfg.objective.mask_ratio_min_max)
-        batches.append(Batch({k: v.to(device) for k, v in crops.items()}, masks.to(device), masked_rows(masks).to(device)))
+        masks = sample_masks(
+            2 * batch, (grid, grid), g, cfg.objective.mask_probability, cfg.objective.mask_ratio_min_max
+        )
+        crops |= {"masks": masks, "mask_rows": masked_rows(masks)}  # the rows found on the host, as the trainer does
+        batches.append({k: v.to(device) for k, v in crops.items()})
     return batches
 
 
@@ -98,18 +97,18 @@ class Step:
         torch.manual_seed(seed)
         self.cfg, self.autocast_dtype = cfg, autocast_dtype
         self.model = build_meta_arch(cfg).to(device).train()
-        prepare_model(self.model, cfg, World(device=device))
         self.optimizer = build_optimizer(self.model, cfg)
         lr = cfg.optim.base_lr
         apply_schedules(self.optimizer, lr, lr, cfg.optim.weight_decay)
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        losses = train_step(self.model, self.optimizer, batch.crops, batch.masks, STEP_VALUES, self.cfg.optim.clip_grad,
-                            self.autocast_dtype, batch.mask_rows)
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = train_step(
+            self.model, self.optimizer, batch, STEP_VALUES, self.cfg.optim.clip_grad, self.autocast_dtype
+        )
         return losses["loss"]
 
 
-def count_flops(step: Step, batch: Batch) -> int:
+def count_flops(step: Step, batch: dict[str, torch.Tensor]) -> int:
     with FlopCounterMode(display=False) as counter:
         step(batch)
     return counter.get_total_flops()
@@ -122,7 +121,7 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(step: Step, batches: list[Batch], steps: int, warmup: int, device: torch.device) -> dict:
+def measure(step: Step, batches: list[dict[str, torch.Tensor]], steps: int, warmup: int, device: torch.device) -> dict:
     """Warm-up steps (compilation happens there), then ``steps`` timed steps."""
     start = time.perf_counter()
     for i in range(warmup):
@@ -144,7 +143,9 @@ def measure(step: Step, batches: list[Batch], steps: int, warmup: int, device: t
     return result
 
 
-def loss_curve(cfg: Config, batches: list[Batch], steps: int, device: torch.device, autocast_dtype, seed: int) -> list[float]:
+def loss_curve(
+    cfg: Config, batches: list[dict[str, torch.Tensor]], steps: int, device: torch.device, autocast_dtype, seed: int
+) -> list[float]:
     step = Step(cfg, device, autocast_dtype, seed)
     losses = [step(batches[i % len(batches)]) for i in range(steps)]
     values = [float(v) for v in torch.stack(losses).cpu()]
@@ -153,9 +154,20 @@ def loss_curve(cfg: Config, batches: list[Batch], steps: int, device: torch.devi
     return values
 
 
-def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup: int, device: torch.device,
-        precision: str, variants: list[str], curve_steps: int = 0, anchor: float | None = None, profile: str | None = None,
-        report=print) -> dict:
+def run(
+    preset: str,
+    overrides: list[str],
+    batch: int | None,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    precision: str,
+    variants: list[str],
+    curve_steps: int = 0,
+    anchor: float | None = None,
+    profile: str | None = None,
+    report=print,
+) -> dict:
     """Times ``variants`` and returns the record; ``report`` gets one JSON line per result. With
     ``curve_steps`` the last variant's loss curve is compared with the first's; the last
     variant (the most levers) is profiled into the file ``profile`` on the model just timed, so
@@ -166,8 +178,15 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
     batches = synthetic_batches(base, batch, device)
     peak = matmul_peak(device, autocast_dtype or torch.float32)
     record = {
-        "preset": preset, "overrides": overrides, "batch": batch, "precision": precision, "device": device_name(device),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "matmul_peak_tflops": peak, "variants": {},
+        "preset": preset,
+        "overrides": overrides,
+        "batch": batch,
+        "precision": precision,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "matmul_peak_tflops": peak,
+        "variants": {},
     }
     if device.type == "cuda":
         record["matmul_peak_tflops_fp16"] = matmul_peak(device, torch.float16)
@@ -198,15 +217,19 @@ def run(preset: str, overrides: list[str], batch: int | None, steps: int, warmup
         record["anchor_images_per_s"] = anchor
         record["speedup_vs_anchor"] = record["variants"][best]["images_per_s"] / anchor
     if curve_steps:
-        record["curve"] = compare_curves(preset, overrides, batches, curve_steps, device, autocast_dtype, first, variants[-1])
+        record["curve"] = compare_curves(
+            preset, overrides, batches, curve_steps, device, autocast_dtype, first, variants[-1]
+        )
         report(json.dumps({"curve": record["curve"]}))
     return record
 
 
-def profile_table(step: Step, batches: list[Batch], device: torch.device, steps: int = 3) -> str:
+def profile_table(step: Step, batches: list[dict[str, torch.Tensor]], device: torch.device, steps: int = 3) -> str:
     """The most expensive operators over ``steps`` steps of a warmed-up step, by device time."""
     _sync(device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(steps):
             step(batches[i % len(batches)])
@@ -215,8 +238,16 @@ def profile_table(step: Step, batches: list[Batch], device: torch.device, steps:
     return prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
 
 
-def compare_curves(preset: str, overrides: list[str], batches: list[Batch], steps: int, device: torch.device,
-                   autocast_dtype, first: str, last: str) -> dict:
+def compare_curves(
+    preset: str,
+    overrides: list[str],
+    batches: list[dict[str, torch.Tensor]],
+    steps: int,
+    device: torch.device,
+    autocast_dtype,
+    first: str,
+    last: str,
+) -> dict:
     """Loss curves of two variants from the same weights on the same batches,
     and of the first variant with another stochastic-depth seed: the noise to compare with."""
     curves = {}
@@ -241,15 +272,25 @@ def print_table(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{record['preset']} batch {record['batch']} {record['precision']} on {record['device']} "
-                        f"(matmul {record['matmul_peak_tflops']:.1f} TFLOP/s)")
+    table = Table(
+        title=f"{record['preset']} batch {record['batch']} {record['precision']} on {record['device']} "
+        f"(matmul {record['matmul_peak_tflops']:.1f} TFLOP/s)"
+    )
     for column in ("variant", "images/s", "s/step", "peak GiB", "TFLOP/s", "MFU", "vs baseline"):
         table.add_column(column, justify="right")
     first = next(iter(record["variants"].values()))
     for name, r in record["variants"].items():
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "n/a (CPU)"
-        table.add_row(name, f"{r['images_per_s']:.1f}", f"{r['s_per_step']:.4f}", peak, f"{r['tflops']:.2f}",
-                      f"{100 * r['mfu']:.1f}%", f"{r['images_per_s'] / first['images_per_s']:.2f}x")
+        table.add_row(
+            name,
+            f"{r['images_per_s']:.1f}",
+            f"{r['s_per_step']:.4f}",
+            peak,
+            f"{r['tflops']:.2f}",
+            f"{100 * r['mfu']:.1f}%",
+            f"{r['images_per_s'] / first['images_per_s']:.2f}x",
+        )
     Console().print(table)
     if "speedup_vs_anchor" in record:
-        print(f"{record['best']} vs the anchor's {record['anchor_images_per_s']} images/s: {record['speedup_vs_anchor']:.2f}x")
+        anchor = f"the anchor's {record['anchor_images_per_s']} images/s"
+        print(f"{record['best']} vs {anchor}: {record['speedup_vs_anchor']:.2f}x")

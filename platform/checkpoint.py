@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/step_NNNNNNNN/`` holding the DCP shards of the
 model and optimizer (saved by every rank, loadable at any world size: DCP reshards), one RNG
-file per rank, ``trainer.json`` (step, data position, skipped images, config) and, written
+file per rank, ``trainer.json`` (the trainer's ``TrainState``: step, world size, data
+position, skipped images, config) and, written
 last by rank 0 once everything else is complete, the marker ``COMMITTED``. Readers only see
 committed directories, so a checkpoint cut short by a crash or preemption is never loaded.
 The newest ``keep`` committed checkpoints are retained. Saves can run in the background
@@ -35,10 +36,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dinoforge.data.storage import join
 from dinoforge.distributed import World
+from dinoforge.training.state import TrainState
 
 log = logging.getLogger("dinoforge.checkpoint")
 # DCP says so on every single-process save/load; we pass no_dist deliberately.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning
+)
 
 COMMIT_MARKER = "COMMITTED"
 TRAINER_STATE = "trainer.json"
@@ -97,9 +101,10 @@ def resolve_checkpoint(uri: str) -> str:
     return found
 
 
-def read_trainer_state(uri: str) -> dict[str, Any]:
+def read_train_state(uri: str) -> TrainState:
+    """The ``TrainState`` a committed checkpoint was saved with (its config included)."""
     with fsspec.open(join(uri, TRAINER_STATE), "r") as handle:
-        return json.load(handle)
+        return TrainState.from_dict(json.load(handle))
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -137,30 +142,41 @@ class Checkpointer:
     hears about each committed save (seconds from the call to the commit, so an async save
     counts its background write too) and each load."""
 
-    def __init__(self, output: str, world: World, keep: int, async_save: bool = False,
-                 observe: Callable[[str, float, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        output: str,
+        world: World,
+        keep: int,
+        async_save: bool = False,
+        observe: Callable[[str, float, str], None] | None = None,
+    ) -> None:
         self.output, self.world, self.keep, self.async_save = output, world, keep, async_save
         self.observe = observe or (lambda op, seconds, uri: None)
-        self._pending: tuple[Future, str, dict, float] | None = None
+        self._pending: tuple[Future, str, dict[str, Any], float] | None = None
 
     def _state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> str:
-        """Saves (or starts saving, when async) the checkpoint of ``step``; all ranks call it."""
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> str:
+        """Saves (or starts saving, when async) the checkpoint of ``state.step``; all ranks call it."""
         self.wait()
         started = time.perf_counter()
-        uri = checkpoint_uri(self.output, step)
+        uri = checkpoint_uri(self.output, state.step)
+        trainer = state.to_dict()  # as of now: training goes on while an async save runs
         buffer = io.BytesIO()
         torch.save(_rng_state(self.world.device), buffer)
-        with_retries(lambda: _write_bytes(join(uri, "rng", f"rank_{self.world.rank:05d}.pt"), buffer.getvalue()),
-                     f"writing the RNG state of {uri}")
+        with_retries(
+            lambda: _write_bytes(join(uri, "rng", f"rank_{self.world.rank:05d}.pt"), buffer.getvalue()),
+            f"writing the RNG state of {uri}",
+        )
         state = self._state(model, optimizer)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=uri, no_dist=not self.world.distributed)
             self._pending = (future, uri, trainer, started)
         else:
-            with_retries(lambda: dcp.save(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"saving {uri}")
+            with_retries(
+                lambda: dcp.save(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"saving {uri}"
+            )
             self._commit(uri, trainer, started)
         return uri
 
@@ -179,8 +195,10 @@ class Checkpointer:
         if self.world.distributed:
             dist.barrier()
         if self.world.is_main:
-            with_retries(lambda: _write_bytes(join(uri, TRAINER_STATE), json.dumps(trainer).encode()),
-                         f"writing {TRAINER_STATE} of {uri}")
+            with_retries(
+                lambda: _write_bytes(join(uri, TRAINER_STATE), json.dumps(trainer).encode()),
+                f"writing {TRAINER_STATE} of {uri}",
+            )
             with_retries(lambda: _write_bytes(join(uri, COMMIT_MARKER), b""), f"committing {uri}")
             for _, old in committed_checkpoints(self.output)[: -self.keep]:
                 fs, path = fsspec.core.url_to_fs(old)
@@ -192,24 +210,24 @@ class Checkpointer:
         log.info("checkpoint committed: %s", uri)
         self.observe("save", time.perf_counter() - started, uri)
 
-    def load(self, uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
         """Loads model and optimizer (resharded to this world size) and, when this rank saved
-        one, its RNG state; returns the trainer state."""
+        one, its RNG state; returns the state the checkpoint was saved with."""
         started = time.perf_counter()
         state = self._state(model, optimizer)
         with_retries(lambda: dcp.load(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"loading {uri}")
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        trainer = read_trainer_state(uri)
+        saved = read_train_state(uri)
         rng_uri = join(uri, "rng", f"rank_{self.world.rank:05d}.pt")
         fs, path = fsspec.core.url_to_fs(rng_uri)
-        if trainer.get("world_size") == self.world.world_size and fs.exists(path):
+        if saved.world_size == self.world.world_size and fs.exists(path):
             rng = torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.world.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.world.device)
         self.observe("load", time.perf_counter() - started, uri)
-        return trainer
+        return saved
 
 
 def load_model_weights(uri: str, model: torch.nn.Module) -> None:
@@ -219,3 +237,13 @@ def load_model_weights(uri: str, model: torch.nn.Module) -> None:
     no_dist = not (dist.is_available() and dist.is_initialized())
     with_retries(lambda: dcp.load(state, checkpoint_id=uri, no_dist=no_dist), f"loading {uri}")
     set_model_state_dict(model, state["model"])
+
+
+def load_modules(uri: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Fills each module from the tensors under its prefix (``"teacher.backbone"``) in a
+    committed checkpoint, reading only those tensors, in one process."""
+    model = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    with_retries(lambda: dcp.load({"model": model}, checkpoint_id=uri, no_dist=True), f"loading {uri}")
+    for prefix, module in modules.items():
+        start = len(prefix) + 1
+        module.load_state_dict({k[start:]: v for k, v in model.items() if k.startswith(prefix + ".")})

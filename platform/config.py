@@ -1,6 +1,8 @@
 """Typed, frozen run configuration: YAML presets + ``KEY=VALUE`` overrides.
 
-The dataclass defaults are the official DINOv2 ``ssl_default_config.yaml`` values; a preset
+The dataclass defaults are the official DINOv2 ``ssl_default_config.yaml`` values (the
+sections that belong to one part live with it: ``model`` in ``model/spec.py``, ``objective``
+in ``model/objective.py``, ``crops`` in ``platform/data/augment.py``); a preset
 (``platform/presets/NAME.yaml``) lists only what differs. Every key is checked: an unknown
 key or a value of the wrong type fails at load time with the dotted key in the message.
 """
@@ -16,10 +18,12 @@ from typing import Any
 
 import yaml
 
-from dinoforge.model.augment import MultiCropSpec
-from dinoforge.model.ssl import ObjectiveConfig
+from dinoforge.data.augment import MultiCropSpec
+from dinoforge.model.objective import ObjectiveConfig
+from dinoforge.model.spec import ModelConfig, official_spec
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "smoke"  # what commands run without --preset: the CPU-sized recipe
 
 
 class ConfigError(ValueError):
@@ -30,21 +34,6 @@ def _at_least(section: Any, minimum: int, *names: str) -> None:
     for name in names:
         if getattr(section, name) < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "vit_large"
-    patch_size: int = 16
-    img_size: int | None = None  # position-embedding grid size; None: the global crop size (official training)
-    in_chans: int = 3
-    num_register_tokens: int = 0
-    ffn_layer: str | None = None  # None: the architecture's default
-    drop_path_rate: float = 0.3
-    drop_path_uniform: bool = True
-    layerscale_init: float = 1e-5
-    interpolate_offset: float = 0.1
-    interpolate_antialias: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +137,8 @@ class DistillConfig:
     ema_momentum: float | None = None
 
     def __post_init__(self) -> None:
+        if self.teacher_arch is not None:
+            official_spec(self.teacher_arch, self.teacher_registers)
         if self.ema_momentum is not None and not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
 
@@ -166,6 +157,11 @@ class Config:
     @property
     def total_steps(self) -> int:
         return self.optim.epochs * self.optim.epoch_length
+
+    @property
+    def stage(self) -> str:
+        """The training stage this config runs: ``distill`` when it names a teacher, else ``pretrain``."""
+        return "distill" if self.distill.teacher else "pretrain"
 
 
 # -- building dataclasses from plain data ----------------------------------------------

@@ -1,8 +1,10 @@
-"""Process groups for ``torchrun`` (any nproc/nnodes) and FSDP2 sharding of the SSL model.
+"""Process groups for ``torchrun`` (any nproc/nnodes), FSDP2 sharding and the collectives the
+training loop needs.
 
 Without torchrun's environment a run is one plain process. Under torchrun every rank joins
-one process group (NCCL for CUDA tensors, gloo for CPU tensors) and the student and teacher
-are sharded with ``fully_shard`` per transformer block, then per backbone and head.
+one process group (NCCL for CUDA tensors, gloo for CPU tensors) and a model is sharded with
+``fully_shard`` unit by unit as the model itself lists them (``shard_units``: the plan lives
+next to the model, as torchtitan's per-model ``parallelize``).
 """
 
 from __future__ import annotations
@@ -11,18 +13,25 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from dinoforge.model.distill import DistillMetaArch
-from dinoforge.model.ssl import SSLMetaArch
+if TYPE_CHECKING:
+    from dinoforge.model.meta_arch import ShardUnit
 
 log = logging.getLogger("dinoforge.distributed")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class Shardable(Protocol):
+    """What sharding knows of a model: the modules to shard, in order (``MetaArch``)."""
+
+    def shard_units(self) -> list[ShardUnit]: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,9 @@ def init_world(timeout_s: float = 1800.0) -> World:
         # crashed attempt made gloo's connectFullMesh fail in half of the restarts we measured on
         # torch 2.13 (ENVIRONMENT.md), the prefix made all of them succeed.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
         store = dist.PrefixStore(f"/dinoforge/attempt_{attempt}", base)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
@@ -80,26 +91,37 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: SSLMetaArch | DistillMetaArch, world: World, precision: str) -> None:
-    """FSDP2 over every rank: each block, then each backbone and head, of student and teacher
-    (identical layouts, so the EMA runs shard by shard). Paper/official recipe: compute in
-    ``precision``, fp32 master weights, gradients of the backbones reduced in ``precision``
-    and of the heads in fp32."""
+def shard_model(model: Shardable, world: World, precision: str) -> None:
+    """FSDP2 over every rank, unit by unit as the model lists them (``shard_units``: for the
+    DINO models each block, then each backbone and head, of every branch alike, so that the EMA
+    runs shard by shard). Paper/official recipe: compute in ``precision``, fp32 master weights,
+    gradients reduced in ``precision`` except where a unit asks for fp32 (the heads)."""
     compute = PRECISIONS[precision]
     mesh = init_device_mesh(world.device.type, (world.world_size,))
-    backbone_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
-    head_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    # A distillation model also has a spare EMA of the student, sharded like it.
-    branches = [model.student, model.teacher] + ([model.ema] if isinstance(model, DistillMetaArch) else [])
-    for branch in branches:
-        # Root modules stay gathered after forward by default (to save the re-gather in
-        # backward); the others have no backward, and the EMA needs them sharded like the student.
-        reshard = None if branch is model.student else True
-        backbone = branch["backbone"]
-        for block in backbone.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=backbone_policy)
-        fully_shard(backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=reshard)
-        # The SSL step calls forward_features, not forward: FSDP must hook it too.
-        register_fsdp_forward_method(backbone, "forward_features")
-        for head in {id(m): m for m in (branch["dino_head"], branch["ibot_head"])}.values():
-            fully_shard(head, mesh=mesh, mp_policy=head_policy, reshard_after_forward=reshard)
+    policies = {
+        False: MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute),
+        True: MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
+    }
+    for unit in model.shard_units():
+        policy = policies[unit.reduce_in_fp32]
+        fully_shard(unit.module, mesh=mesh, mp_policy=policy, reshard_after_forward=unit.reshard_after_forward)
+        for method in unit.forward_methods:
+            register_fsdp_forward_method(unit.module, method)
+
+
+def global_mean(values: dict[str, torch.Tensor], world: World) -> dict[str, float]:
+    """Each scalar tensor averaged over all ranks (one all-reduce), as floats."""
+    if not world.distributed:
+        return {k: v.item() for k, v in values.items()}
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return {k: (v / world.world_size).item() for k, v in zip(values, stacked)}
+
+
+def gather_lists(items: list, world: World) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+    if not world.distributed:
+        return items
+    gathered: list[list] = [[] for _ in range(world.world_size)]
+    dist.all_gather_object(gathered, items)
+    return [item for rank_items in gathered for item in rank_items]

@@ -8,75 +8,12 @@ import json
 
 import fsspec
 import torch
-import torch.distributed.checkpoint as dcp
 
-from dinoforge.checkpoint import read_trainer_state, resolve_checkpoint
-from dinoforge.config import Config, ModelConfig, build
-from dinoforge.model.distill import random_frozen_heads
-from dinoforge.model.heads import DINOHead
-from dinoforge.model.ssl import _heads
-from dinoforge.model.vit import ARCHS, DinoVisionTransformer, build_backbone
-
-# Keys of the JSON that are DinoVisionTransformer constructor arguments.
-ARCH_KEYS = (
-    "embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "num_register_tokens",
-    "ffn_layer", "layerscale_init", "interpolate_offset", "interpolate_antialias",
-)
-
-
-def backbone_from_config(model: ModelConfig, global_crops_size: int, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
-    return build_backbone(
-        model.arch,
-        patch_size=model.patch_size,
-        img_size=model.img_size or global_crops_size,
-        num_register_tokens=model.num_register_tokens,
-        ffn_layer=model.ffn_layer,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=model.drop_path_uniform,
-        layerscale_init=model.layerscale_init,
-        interpolate_offset=model.interpolate_offset,
-        interpolate_antialias=model.interpolate_antialias,
-        in_chans=model.in_chans,
-    )
-
-
-def _load_from_checkpoint(checkpoint_uri: str, modules: dict[str, torch.nn.Module]) -> None:
-    """Fills each module from the tensors under its prefix in a (sharded) checkpoint, reading
-    only those tensors, in one process."""
-    state = {"model": {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}}
-    dcp.load(state, checkpoint_id=checkpoint_uri, no_dist=True)
-    for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state["model"].items() if k.startswith(prefix + ".")})
-
-
-def load_teacher(cfg: Config) -> tuple[DinoVisionTransformer, DINOHead, DINOHead]:
-    """The frozen distillation teacher named by ``distill.teacher``: a pretraining run or
-    checkpoint of ours (its EMA teacher backbone and heads), or backbone weights in the official
-    key format (ours with the .json beside them, or an official release with
-    ``distill.teacher_arch``), which come without heads: those get seeded random frozen heads."""
-    uri, objective = cfg.distill.teacher, cfg.objective
-    if not uri.endswith(".pth"):
-        checkpoint = resolve_checkpoint(uri)
-        teacher_cfg = build(Config, read_trainer_state(checkpoint)["config"])
-        backbone = backbone_from_config(teacher_cfg.model, teacher_cfg.crops.global_crops_size)
-        dino_head, ibot_head = _heads(backbone.embed_dim, teacher_cfg.objective)
-        heads = {"teacher.dino_head": dino_head} | ({"teacher.ibot_head": ibot_head} if ibot_head is not dino_head else {})
-        _load_from_checkpoint(checkpoint, {"teacher.backbone": backbone, **heads})
-    else:
-        fs, _ = fsspec.core.url_to_fs(meta_uri(uri))
-        if fs.exists(meta_uri(uri)):
-            backbone, _ = load_backbone(uri)
-        elif cfg.distill.teacher_arch:
-            backbone = build_backbone(cfg.distill.teacher_arch, patch_size=14, img_size=518,
-                                      num_register_tokens=cfg.distill.teacher_registers)
-            with fsspec.open(uri, "rb") as handle:
-                backbone.load_state_dict(torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True))
-        else:
-            raise ValueError(f"{uri} has no {meta_uri(uri)} beside it: set distill.teacher_arch (e.g. vit_large)")
-        dino_head, ibot_head = random_frozen_heads(backbone.embed_dim, objective, cfg.distill.head_seed)
-    for module in (backbone, dino_head, ibot_head):
-        module.requires_grad_(False)
-    return backbone.eval(), dino_head, ibot_head
+from dinoforge.checkpoint import load_modules, read_train_state
+from dinoforge.config import Config
+from dinoforge.model import META_ARCHS
+from dinoforge.model.spec import BackboneSpec
+from dinoforge.model.vit import DinoVisionTransformer
 
 
 def meta_uri(weights_uri: str) -> str:
@@ -84,21 +21,11 @@ def meta_uri(weights_uri: str) -> str:
 
 
 def backbone_meta(cfg: Config) -> dict:
-    spec = ARCHS[cfg.model.arch]
+    """The JSON beside exported weights: the architecture (``BackboneSpec``) and how to feed it."""
     size = cfg.crops.global_crops_size
     return {
         "arch": cfg.model.arch,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": spec.num_heads,
-        "patch_size": cfg.model.patch_size,
-        "img_size": cfg.model.img_size or size,
-        "in_chans": cfg.model.in_chans,
-        "num_register_tokens": cfg.model.num_register_tokens,
-        "ffn_layer": cfg.model.ffn_layer or spec.ffn_layer,
-        "layerscale_init": cfg.model.layerscale_init,
-        "interpolate_offset": cfg.model.interpolate_offset,
-        "interpolate_antialias": cfg.model.interpolate_antialias,
+        **cfg.model.backbone(size).to_meta(),
         "image_size": size,
         "resize_size": round(size / cfg.data.eval_crop_ratio),
         "mean": list(cfg.crops.mean),
@@ -108,14 +35,15 @@ def backbone_meta(cfg: Config) -> dict:
 
 
 def export_backbone(checkpoint_uri: str, weights_uri: str) -> dict:
-    """Writes the backbone a run releases: the EMA teacher of a pretraining run, or the spare
-    EMA of the student of a distillation run. Reads only that backbone's tensors."""
-    trainer = read_trainer_state(checkpoint_uri)
-    cfg = build(Config, trainer["config"])
-    prefix = "ema.backbone" if cfg.distill.teacher else "teacher.backbone"
-    meta = {**backbone_meta(cfg), "step": trainer["step"], "checkpoint": checkpoint_uri, "exported": prefix}
+    """Writes the backbone a run releases (its model's ``released_branch``: the EMA teacher of
+    a pretraining run, the spare EMA of the student of a distillation run). Reads only that
+    backbone's tensors."""
+    state = read_train_state(checkpoint_uri)
+    cfg = state.run_config()
+    prefix = f"{META_ARCHS[cfg.stage].released_branch}.backbone"
+    meta = {**backbone_meta(cfg), "step": state.step, "checkpoint": checkpoint_uri, "exported": prefix}
     backbone = build_from_meta(meta)
-    _load_from_checkpoint(checkpoint_uri, {prefix: backbone})
+    load_modules(checkpoint_uri, {prefix: backbone})
     _write(backbone, meta, weights_uri)
     return meta
 
@@ -124,7 +52,12 @@ def export_random(cfg: Config, weights_uri: str, seed: int, layerscale_init: flo
     """Writes a freshly initialised backbone of ``cfg``'s architecture in the export format:
     a stand-in embedder for curating before any model is trained. LayerScale 1 (not the
     training init of 1e-5) so that every block shapes the features."""
-    meta = {**backbone_meta(cfg), "layerscale_init": layerscale_init, "step": 0, "exported": f"random_init(seed={seed})"}
+    meta = {
+        **backbone_meta(cfg),
+        "layerscale_init": layerscale_init,
+        "step": 0,
+        "exported": f"random_init(seed={seed})",
+    }
     torch.manual_seed(seed)
     _write(build_from_meta(meta), meta, weights_uri)
     return meta
@@ -140,7 +73,7 @@ def _write(backbone: DinoVisionTransformer, meta: dict, weights_uri: str) -> Non
 
 
 def build_from_meta(meta: dict) -> DinoVisionTransformer:
-    return DinoVisionTransformer(**{key: meta[key] for key in ARCH_KEYS})
+    return BackboneSpec.from_meta(meta).build()
 
 
 def load_backbone(weights_uri: str, random_init: bool = False) -> tuple[DinoVisionTransformer, dict]:
@@ -150,5 +83,7 @@ def load_backbone(weights_uri: str, random_init: bool = False) -> tuple[DinoVisi
     backbone = build_from_meta(meta)
     if not random_init:
         with fsspec.open(weights_uri, "rb") as handle:
-            backbone.load_state_dict(torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True), strict=True)
+            backbone.load_state_dict(
+                torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True), strict=True
+            )
     return backbone.eval(), meta

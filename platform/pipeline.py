@@ -3,8 +3,8 @@ stage an MLflow run under one pipeline run, and a short summary at the end.
 
 The stages are the functions the single-stage commands (and so the TorchX components in
 ``jobs/``) run; here they run one after the other in this process. Every stage finds its
-lineage parent and journal through ``DINOFORGE_LINEAGE_PARENT`` / ``DINOFORGE_LINEAGE_DIR``,
-as a stage launched by TorchX would. Layout under ``output``::
+lineage parent and journal through ``pipeline_scope``, as a stage launched by TorchX does
+through ``DINOFORGE_LINEAGE_PARENT`` / ``DINOFORGE_LINEAGE_DIR``. Layout under ``output``::
 
     data/pool.parquet, data/eval.parquet (+ -shards/)   Fashion-MNIST imported as manifests (eval: when de-duplicating)
     curate/                                             embeddings, dedup.json, clusters, curated.parquet, report/
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -24,12 +25,10 @@ from typing import Any, Callable
 import fsspec
 import torch
 
-from dinoforge.config import DataConfig, load_config
+from dinoforge.config import DEFAULT_PRESET, DataConfig, load_config, to_dict
 from dinoforge.data.manifest import Manifest
 from dinoforge.data.storage import join
-from dinoforge.lineage import Lineage, digest_uri, stage_lineage
-
-LINEAGE_ENV = ("DINOFORGE_LINEAGE_PARENT", "DINOFORGE_LINEAGE_DIR")
+from dinoforge.lineage import Lineage, digest_uri, pipeline_scope, stage_lineage
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class PipelineSettings:
     architecture (``export_random``), since no model exists before the first run."""
 
     output: str
-    preset: str = "smoke"
+    preset: str = DEFAULT_PRESET
     overrides: tuple[str, ...] = ()
     pool_size: int = 20_000
     eval_size: int | None = None
@@ -61,6 +60,9 @@ class PipelineSettings:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     progress: bool = True
+    # MLflow: None -> MLFLOW_TRACKING_URI, else a sqlite store beside the journal (OUT/mlflow.db).
+    tracking_uri: str | None = None
+    run_name: str | None = None  # the pipeline run's name (default: preset and start time)
 
     def __post_init__(self) -> None:
         if not 0 < self.curated_size <= self.pool_size:
@@ -143,6 +145,19 @@ def backbones_to_evaluate(weights: str, seed: int, compare_random_init: bool) ->
     return backbones, meta
 
 
+# The MLflow name of each protocol's headline number (eval.suite.HEADLINE): the same on the
+# evaluate run and the pipeline run, so runs compare on one name per number.
+HEADLINE_NAMES = {"knn": "knn_top1", "linear": "linear_top1", "logreg": "logreg_top1", "retrieval": "retrieval_map_medium",
+                  "seg": "seg_miou", "depth": "depth_rmse", "pca": "pca_iou"}
+
+
+def headline_metrics(headline: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{backbone: {protocol: value}}`` -> MLflow metrics: ``knn_top1`` for the trained backbone,
+    ``<backbone>/knn_top1`` for a baseline (a section of its own in MLflow's charts)."""
+    return {(HEADLINE_NAMES[protocol] if backbone == "trained" else f"{backbone}/{HEADLINE_NAMES[protocol]}"): value
+            for backbone, values in headline.items() for protocol, value in values.items()}
+
+
 def evaluate_stage(weights: str, backbones: dict[str, torch.nn.Module], meta: dict, protocols: tuple[str, ...],
                    suite_settings, out_dir: str | None, lineage: Lineage) -> dict[str, Any]:
     """``run_suite`` with its lineage: the weights in, the headline numbers as metrics, the
@@ -152,32 +167,12 @@ def evaluate_stage(weights: str, backbones: dict[str, torch.nn.Module], meta: di
     lineage.input(weights, digest_uri(weights), name="weights", kind="weights")
     lineage.params({"protocols": ",".join(protocols), **{k: v for k, v in asdict(suite_settings).items() if k != "data"}})
     summary = run_suite(backbones, meta, protocols, suite_settings, out_dir)
-    lineage.metrics({f"{protocol}_{name}": value for name, values in summary["headline"].items()
-                     for protocol, value in values.items()})
+    lineage.metrics(headline_metrics(summary["headline"]))
     if out_dir is not None:
         results = join(out_dir, "summary.json")
         lineage.output(results, digest_uri(results), name="results", kind="evaluation")
         lineage.artifact(out_dir, "evaluation")
     return summary
-
-
-class _StageEnv:
-    """Points in-process stages at this pipeline's lineage (restored afterwards)."""
-
-    def __init__(self, parent: str, journal: str) -> None:
-        self.values = dict(zip(LINEAGE_ENV, (parent, journal)))
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc) -> None:
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
@@ -192,9 +187,11 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     base_cfg = load_config(s.preset, overrides)  # fail fast on a bad preset/override
     journal = join(out, "lineage")
     seconds: dict[str, float] = {}
-    parent = Lineage(journal, "pipeline", run_name=f"pipeline-{s.preset}")
-    with parent, _StageEnv(parent.key, journal):
-        parent.params({k: v for k, v in asdict(s).items() if k != "data"})
+    started = time.perf_counter()
+    parent = Lineage(journal, "pipeline", run_name=s.run_name or f"{s.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                     tracking_uri=s.tracking_uri, tags={"dinoforge.preset": s.preset})
+    with parent, pipeline_scope(parent):
+        parent.params(_settings_params(s))
         dedup = s.dedup_method != "none"
         eval_manifest = join(out, "data", "eval.parquet") if dedup else None
         _, seconds["import"] = _timed(lambda: (
@@ -214,6 +211,9 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         run_dir = join(out, "pretrain")
         cfg = load_config(s.preset, overrides + [f"data.dataset=manifest:{curated_uri}"])
         summary, seconds["pretrain"] = _timed(lambda: pretrain(cfg, run_dir, s.max_steps, progress=s.progress))
+        parent.params(to_dict(cfg))  # the resolved training config: what two runs differ in
+        parent.artifact(join(run_dir, "config.yaml"))
+        _record_training(parent, run_dir, summary["step"])
 
         weights_uri = join(run_dir, "export", "teacher_backbone.pth")
         with stage_lineage("export", run_dir) as lineage:
@@ -227,7 +227,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
             evaluation, seconds["evaluate"] = _timed(lambda: evaluate_stage(
                 weights_uri, *backbones_to_evaluate(weights_uri, s.seed, s.compare_random_init), s.eval_protocols, suite, eval_dir, lineage))
         headline = evaluation["headline"]
-        parent.metrics({f"knn_top1_{name}": values["knn"] for name, values in headline.items() if "knn" in values})
+        parent.metrics(headline_metrics(headline) | {"wall_seconds": time.perf_counter() - started})
     return {
         "pipeline": "curate+pretrain+export+evaluate",
         "steps": summary["step"],
@@ -243,8 +243,41 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         "evaluation": eval_dir,
         "pictures": sorted(p for p in _listing(eval_dir) if p.endswith(".png")),
         "mlflow": {"tracking_uri": parent.tracking_uri, "experiment": parent.experiment, "pipeline_run_id": parent.run_id,
-                   "pipeline_run_key": parent.key, "journal": journal},
+                   "pipeline_run_key": parent.key, "run_name": parent.run_name, "journal": journal,
+                   "ui": f"{cli_command()} ui {out}"},
     }
+
+
+def _settings_params(settings: PipelineSettings) -> dict[str, Any]:
+    """The pipeline's own settings as MLflow params (output as an absolute URI; not the data
+    location, the tracking store or the terminal's progress bars)."""
+    from dinoforge.lineage.journal import absolute_uri
+
+    params = {k: v for k, v in asdict(settings).items() if k not in ("data", "tracking_uri", "run_name", "progress")}
+    return params | {"output": absolute_uri(settings.output)}
+
+
+def _record_training(parent: Lineage, run_dir: str, last_step: int) -> None:
+    """The training run's loss curve and mean throughput on the pipeline run too, so that two
+    pipeline runs overlay their curves on MLflow's compare page. A resumed run's log repeats the
+    steps after its last checkpoint (and an interrupted attempt may have gone past ``last_step``):
+    the latest record of each step up to ``last_step`` counts."""
+    with fsspec.open(join(run_dir, "metrics.jsonl"), "r") as handle:
+        by_step = {record["step"]: record for line in handle if line.strip() and (record := json.loads(line))}
+    records = [by_step[step] for step in sorted(by_step) if step <= last_step]
+    for record in records:
+        parent.metrics({"loss": record["loss"]}, step=record["step"])
+    if records:
+        parent.metrics({"images_per_s": sum(r["images_per_s"] for r in records) / len(records)})
+
+
+def cli_command() -> str:
+    """How this process's ``dinoforge`` was invoked (``.venv/bin/dinoforge``, ``dinoforge``,
+    ``python -m dinoforge.cli``), so that printed commands work as printed."""
+    program = sys.argv[0] if sys.argv else ""
+    if os.path.basename(program) == "dinoforge":
+        return program
+    return f"{sys.executable} -m dinoforge.cli"
 
 
 def _listing(uri: str) -> list[str]:
@@ -269,10 +302,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("evaluation + pictures", summary["evaluation"])
     tracking = summary["mlflow"]["tracking_uri"]
     table.add_row("MLflow runs", f"{tracking} (experiment {summary['mlflow']['experiment']}, "
-                  f"pipeline run {summary['mlflow']['pipeline_run_id']})")
+                  f"pipeline run {summary['mlflow']['run_name']}: {summary['mlflow']['pipeline_run_id']})")
     if summary["mlflow"]["pipeline_run_id"] is None:
         table.add_row("MLflow unreachable", f"lineage kept; push it later: dinoforge lineage sync {summary['mlflow']['journal']}")
     elif not tracking.startswith("http"):
-        table.add_row("open the MLflow UI", f"pip install mlflow && mlflow ui --backend-store-uri {tracking}")
+        table.add_row("open the MLflow UI", summary["mlflow"]["ui"])
     Console(stderr=True).print(table)
     print(json.dumps(summary), flush=True)

@@ -168,7 +168,7 @@ class Telemetry:
         self._skipped_seen: dict[str, int] = {}
 
         self._done = self._metric(Gauge, "dinoforge_progress_done", "Work items done.")
-        self._total = self._metric(Gauge, "dinoforge_progress_total", "Work items in all.")
+        self._total = self._metric(Gauge, "dinoforge_progress_items", "Work items in all (done counts up to it).")
 
         self._own(self._metric(Gauge, "dinoforge_restarts", "Elastic restarts of this job before this process started.")).set(
             int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))

@@ -19,7 +19,9 @@ from mlflow_server import mlflow_server  # noqa: F401
 # than the whole lane being killed mid-test. Estimates are CI-machine seconds (read off the
 # lane's `--durations` report): the test's own in `@pytest.mark.slow(seconds=N)`, plus the
 # expensive shared fixtures below the first time a test needs one.
-FIXTURE_SECONDS = {"smoke_run": 750, "full_smoke_teacher": 820}
+FIXTURE_SECONDS = {"smoke_run": 750, "full_smoke_teacher": 820,
+                   # building the container image (tests/test_container.py), unless .ci/run built it first
+                   "image": 0 if os.environ.get("DINOFORGE_TEST_IMAGE") else 1200}
 _fixtures_built: set[str] = set()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoforge.model.augment import (
+from dinoforge.data.augment import (
     CROP_BOX_UNIFORMS,
     CropParams,
     IMAGENET_MEAN,

@@ -39,6 +39,9 @@ def test_overrides_are_typed_and_nested():
         ("objective.centering=median", "objective"),
         ("optim.warmup_epochs=1000", "warmup_epochs"),
         ("optim", "KEY=VALUE"),
+        ("model.arch=vit_colossal", "unknown arch 'vit_colossal'"),
+        ("model.ffn_layer=gelu", "ffn_layer must be one of"),
+        ("distill.teacher_arch=vit_nano", "DINOv2 released no vit_nano weights"),
     ],
 )
 def test_invalid_config_fails_fast_naming_the_key(override, message):

@@ -15,7 +15,7 @@ from image_zoo import write_image_zoo
 from checkpoints import checkpoint_tensors
 from tiny import TINY as TINY_BASE
 
-from dinoforge.checkpoint import latest_checkpoint, read_trainer_state
+from dinoforge.checkpoint import latest_checkpoint, read_train_state
 from dinoforge.cli import main
 from dinoforge.config import DataConfig, load_config
 from dinoforge.data import decode_limits, open_source
@@ -23,8 +23,8 @@ from dinoforge.data.importers import import_fashion_mnist, import_images, pack
 from dinoforge.data.manifest import Manifest, ManifestError, rows_digest
 from dinoforge.data.sources import FashionMNIST, ManifestSource
 from dinoforge.data.storage import BlobReader, BlobRef, BytesCache
-from dinoforge.data.stream import SkipLedger, multicrop_loader
-from dinoforge.model.augment import MultiCropAugmentation, MultiCropSpec
+from dinoforge.data.stream import multicrop_loader
+from dinoforge.data.augment import MultiCropAugmentation, MultiCropSpec
 from dinoforge.train import pretrain
 
 HEADER_REASONS = {"empty", "not_image", "too_large", "too_small"}  # found by import's header check
@@ -275,11 +275,9 @@ def test_training_epoch_over_bad_files_counts_every_reason_exactly(damaged, tmp_
     assert summary["step"] == steps and summary["skipped_images"] == expected
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_images"] == expected and last["skip_events"] >= sum(expected.values())
-    trainer = read_trainer_state(latest_checkpoint(str(tmp_path / "run")))
-    assert trainer["data"]["position"] == steps * 4 and trainer["data"]["dataset"] == Manifest.read(uri).digest
-    ledger = SkipLedger()
-    ledger.load_state_dict(trainer["data"]["skipped"])
-    assert ledger.by_reason() == expected
+    state = read_train_state(latest_checkpoint(str(tmp_path / "run")))
+    assert state.position == steps * 4 and state.dataset == Manifest.read(uri).digest
+    assert state.skipped.by_reason() == expected
     # Interrupted after 2 steps and resumed: same weights and the same exact counts.
     pretrain(cfg, str(tmp_path / "split"), max_steps=2, progress=False)
     resumed = pretrain(cfg, str(tmp_path / "split"), progress=False)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from dinoforge.model.distill import DistillMetaArch, random_frozen_heads
 from dinoforge.model.heads import DINOHead
 from dinoforge.model.losses import dino_loss, ibot_loss, sinkhorn_knopp
-from dinoforge.model.ssl import HeadConfig, ObjectiveConfig
-from dinoforge.model.vit import DinoVisionTransformer, build_backbone
+from dinoforge.model.objective import HeadConfig, ObjectiveConfig
+from dinoforge.training.ema import update_ema
+from dinoforge.model import DinoVisionTransformer, build_backbone
 
 K = 64
 HEAD = HeadConfig(n_prototypes=K, hidden_dim=32, bottleneck_dim=16)
@@ -85,7 +86,7 @@ def test_frozen_teacher_trained_student_and_spare_ema():
     optimizer.step()
 
     ema_before = [e.clone() for e in model.ema.parameters()]
-    model.update_teacher(0.9)
+    update_ema(model, 0.9)
     for key, value in model.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key
     changed = [k for k, v in model.student.state_dict().items() if not torch.equal(v, student_before[k])]
@@ -175,6 +176,17 @@ def test_rejects_stochastic_depth_and_mismatched_prototypes():
     assert "64" in str(excinfo.value) and "32" in str(excinfo.value)
 
 
+def test_sharding_and_the_ema_see_the_spare_ema_through_the_interface():
+    model = make_model()
+    modules = [unit.module for unit in model.shard_units()]
+    for branch in (model.student, model.teacher, model.ema):  # the spare EMA is sharded like the student
+        assert modules.index(branch["backbone"].blocks[0]) < modules.index(branch["backbone"])
+    assert {id(p) for module in modules for p in module.parameters()} == {id(p) for p in model.parameters()}
+    ema, followed = model.ema_pairs()
+    assert ema == list(model.ema.parameters()) and followed == list(model.student.parameters())
+    assert model.released_branch == "ema" and model.student_modules() == list(model.student.values())
+
+
 def test_random_frozen_heads_are_seeded():
     rng_before = torch.get_rng_state()
     dino_a, ibot_a = random_frozen_heads(TEACHER_DIM, CFG, seed=3)
@@ -204,6 +216,6 @@ def test_student_fits_fixed_teacher_targets():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.update_teacher(0.9)
+        update_ema(model, 0.9)
     assert losses[-1] < losses[0] - 1.0, losses
     assert ibot[-1] < ibot[0] - 0.2, ibot

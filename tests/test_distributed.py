@@ -17,7 +17,7 @@ import torch
 from checkpoints import checkpoint_tensors
 from tiny import TINY as TINY_BASE
 
-from dinoforge.checkpoint import COMMIT_MARKER, committed_checkpoints, read_trainer_state
+from dinoforge.checkpoint import COMMIT_MARKER, committed_checkpoints, read_train_state
 
 TINY = TINY_BASE + [
     "train.batch_size_per_gpu=4", "train.checkpoint_period=2", "train.keep_checkpoints=3", "model.drop_path_rate=0.2",
@@ -84,8 +84,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(reference, interru
     assert_same_tensors(ref["model"], got["model"])
     assert_same_tensors(ref["optimizer"], got["optimizer"])
     assert [r["loss"] for r in metrics(output)] == [r["loss"] for r in metrics(reference)]
-    trainer = read_trainer_state(committed_checkpoints(str(output))[-1][1])
-    assert trainer["world_size"] == 2 and trainer["data"]["position"] == 6 * 8
+    state = read_train_state(committed_checkpoints(str(output))[-1][1])
+    assert state.world_size == 2 and state.position == 6 * 8
 
 
 @pytest.mark.parametrize("nproc", [1, 3])
@@ -97,8 +97,8 @@ def test_resume_a_two_process_checkpoint_at_another_world_size(reference, interr
     assert f"resuming 2-rank checkpoint on {nproc} ranks" in log
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["world_size"] == nproc
-    trainer = read_trainer_state(committed_checkpoints(str(run))[-1][1])
-    assert trainer["data"]["position"] == 4 * 8 + 2 * 4 * nproc  # the stream went on where it stopped
+    state = read_train_state(committed_checkpoints(str(run))[-1][1])
+    assert state.position == 4 * 8 + 2 * 4 * nproc  # the stream went on where it stopped
     # The model continues from step 4's weights: the loss stays near the uninterrupted run's.
     expected = {r["step"]: r["loss"] for r in metrics(reference)}
     for row in rows[4:]:

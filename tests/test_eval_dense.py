@@ -12,7 +12,7 @@ from dinoforge.eval.dense import (
     segmentation_metrics, segmentation_probe,
 )
 from dinoforge.eval.features import patch_features
-from dinoforge.model.vit import build_backbone
+from dinoforge.model import build_backbone
 
 ROOT = "/usr/share/datasets/fashion-mnist"
 

@@ -16,7 +16,7 @@ from dinoforge.config import DataConfig
 from dinoforge.data.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from dinoforge.eval.features import cls_features, labelled_images
 from dinoforge.eval.knn import knn_accuracy, knn_protocol, nearest_neighbours, shard_range
-from dinoforge.model.vit import build_backbone
+from dinoforge.model import build_backbone
 
 KS = (10, 20, 100, 200)
 

@@ -16,7 +16,7 @@ from dinoforge.eval.pictures import (
     benchmark_images, foreground_benchmark, mask_iou, neighbour_grid, patch_multiple_size, pca_picture,
     pca_scores, per_class_plot,
 )
-from dinoforge.model.vit import build_backbone
+from dinoforge.model import build_backbone
 
 META = {"patch_size": 4, "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
 SIZE = 64  # 16 patches on the shorter side

@@ -14,7 +14,7 @@ from dinoforge.eval.retrieval import (
     retrieval_eval,
     retrieval_protocol,
 )
-from dinoforge.model.vit import build_backbone
+from dinoforge.model import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from helm_chart import KUBE_VERSIONS, Chart, by_kind, env_of, helm
 
 CHART = Chart("dinov2-curation")
 EXAMPLES = CHART.examples
-BUILT_IN = {"ServiceAccount", "ConfigMap", "Job", "Pod"}
+BUILT_IN = {"ServiceAccount", "ConfigMap", "Job", "Pod", "NetworkPolicy"}
 render, rejected = CHART.render, CHART.rejected
 
 

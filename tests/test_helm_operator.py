@@ -16,8 +16,8 @@ from helm_chart import KUBE_VERSIONS, Chart
 CHART = Chart("dinoforge-operator")
 CRD = CHART.path / "crds" / "dinopipelines.dinoforge.io.yaml"
 EXAMPLES = CHART.examples
-KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
-NAMESPACED_KINDS = {"ServiceAccount", "Role", "RoleBinding", "Deployment"}  # with operator.watchNamespaces
+KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy"}
+NAMESPACED_KINDS = {"ServiceAccount", "Role", "RoleBinding", "Deployment", "NetworkPolicy"}  # with operator.watchNamespaces
 render = CHART.render
 
 
@@ -57,6 +57,22 @@ def test_the_deployment_is_hardened_probed_and_runs_the_operator():
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {"requests", "limits"} <= set(container["resources"])
     assert deployment["spec"]["replicas"] == 1
+    # the API token only where the client looks for it, as an expiring projected token
+    assert pod["automountServiceAccountToken"] is False
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    sources = volume["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token" and mount["readOnly"] is True
+    assert {item["path"] for source in sources[1:] for item in next(iter(source.values()))["items"]} == {"ca.crt", "namespace"}
+    assert {"name": "DINOFORGE_IMAGE", "value": container["image"]} in container["env"]  # stage jobs run it too
+
+
+def test_the_network_policy_admits_no_connection_to_the_operator():
+    (policy,) = [doc for doc in render() if doc["kind"] == "NetworkPolicy"]
+    (deployment,) = [doc for doc in render() if doc["kind"] == "Deployment"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in policy["spec"]
+    assert "NetworkPolicy" not in {doc["kind"] for doc in render(None, "networkPolicy.enabled=false")}
 
 
 def test_watched_namespaces_get_a_role_each_and_the_operator_their_names():

@@ -9,6 +9,7 @@ every value documented; manifests/ equal to a fresh scripts/render_manifests.py 
 No cluster here: nothing is applied to an API server, Prometheus or Grafana (chart README,
 "Tests"). promtool comes from Debian's prometheus package (scripts/setup.sh --test)."""
 
+import base64
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from helm_chart import KUBE_VERSIONS, ROOT, Chart, by_kind, env_of
 
 CHART = Chart("dinoforge-platform")
 CURATION = Chart("dinov2-curation")
-BUILT_IN = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
+BUILT_IN = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy"}
 CRDS = ROOT / "tests" / "data" / "prometheus-operator"
 SQLITE_EXAMPLE, POSTGRES_EXAMPLE = "mlflow-sqlite-minio.yaml", "mlflow-postgres-gcs.yaml"
 render, rejected = CHART.render, CHART.rejected
@@ -190,13 +191,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def get(url: str, host: str) -> int:
-    request = urllib.request.Request(url, headers={"Host": host})
+def get(url: str, host: str, credentials: tuple[str, str] | None = None) -> int:
+    headers = {"Host": host}
+    if credentials:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:  # a loaded machine answers slowly
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def wait_healthy(process: subprocess.Popen, base: str, seconds: float = 240) -> None:
+    """Until /health answers (a fresh database is migrated first: tens of seconds, minutes on a busy machine)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        try:
+            if get(f"{base}/health", "localhost") == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"mlflow server did not answer /health in {seconds} s"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -215,28 +233,94 @@ def mlflow_server(tmp_path_factory):
     process = subprocess.Popen([str(Path(sys.executable).parent / command[0]), *local], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     yield process, f"http://127.0.0.1:{port}", only(docs, "Service")["metadata"]["name"]
-    os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers, a group of their own
-    process.wait(timeout=20)
+    stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """The server and its uvicorn workers, a process group of their own."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def test_rendered_server_command_starts_and_answers_the_service_name(mlflow_server):
     """/health answers; the API answers a request addressed to the Service's DNS name and
     refuses an unknown Host (MLflow's DNS-rebinding guard, which --allowed-hosts configures)."""
     process, base, service = mlflow_server
-    deadline = time.monotonic() + 90
-    while True:
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        try:
-            if get(f"{base}/health", "localhost") == 200:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
-        time.sleep(0.5)
+    wait_healthy(process, base)
     search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
     assert get(search, f"{service}.ml.svc:5000") == 200
     assert get(search, f"{service}:5000") == 200
     assert get(search, "evil.example:5000") == 403
+
+
+def test_network_policies_admit_dinoforge_pods_to_mlflow_and_keep_job_pods_to_themselves():
+    from dinoforge.jobs.scheduler import PART_OF_LABEL
+
+    docs = render(SQLITE_EXAMPLE, "networkPolicy.jobNamespaces={ml,research}",
+                  "networkPolicy.mlflow.extraFrom[0].namespaceSelector.matchLabels.ingress=nginx")
+    policies = {(doc["metadata"].get("namespace"), doc["metadata"]["name"]): doc for doc in by_kind(docs, "NetworkPolicy")}
+    mlflow = policies.pop((None, only(docs, "Deployment")["metadata"]["name"]))
+    assert mlflow["spec"]["podSelector"]["matchLabels"].items() <= \
+        only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = mlflow["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                             "podSelector": {"matchLabels": PART_OF_LABEL}} for namespace in ("ml", "research")] + [
+        {"namespaceSelector": {"matchLabels": {"ingress": "nginx"}}}]
+    assert sorted(policy["metadata"]["namespace"] for policy in policies.values()) == ["ml", "research"]
+    for policy in policies.values():
+        assert policy["spec"]["podSelector"] == {"matchLabels": PART_OF_LABEL}
+        peers, metrics = policy["spec"]["ingress"]
+        assert peers == {"from": [{"podSelector": {"matchLabels": PART_OF_LABEL}}]}
+        assert metrics["ports"] == [{"port": 9400, "endPort": 9415, "protocol": "TCP"}]
+    # the pods those policies are about carry the label: the curation chart's and the operator's
+    worker = next(doc for doc in CURATION.render() if doc["kind"] == "Job")
+    operator = next(doc for doc in Chart("dinoforge-operator").render() if doc["kind"] == "Deployment")
+    for pod in (worker, operator):
+        assert PART_OF_LABEL.items() <= pod["spec"]["template"]["metadata"]["labels"].items()
+    # any namespace when none is named; nothing at all when switched off
+    (rule,) = only(render(SQLITE_EXAMPLE), "NetworkPolicy")["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": PART_OF_LABEL}}]
+    assert not by_kind(render(SQLITE_EXAMPLE, "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_basic_auth_server_refuses_anonymous_requests_and_admits_the_secrets_admin(tmp_path):
+    """The chart's auth settings run for real: the rendered arguments, the ConfigMap's basic_auth.ini
+    and the admin's credentials as the Secret would give them."""
+    docs = render(SQLITE_EXAMPLE, "mlflow.auth.enabled=true", "mlflow.auth.secretName=mlflow-admin")
+    server = container(docs)
+    env = env_of(server)
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == {"secretKeyRef": {"name": "mlflow-admin", "key": "username"}}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"secretKeyRef": {"name": "mlflow-admin", "key": "password"}}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == {"secretKeyRef": {"name": "mlflow-admin", "key": "flask-secret-key"}}
+    (auth,) = [doc for doc in by_kind(docs, "ConfigMap") if doc["metadata"]["name"].endswith("-mlflow-auth")]
+    ini = auth["data"]["basic_auth.ini"]
+    assert "sqlite:////data/basic_auth.db" in ini  # persistence: the users outlive the pod
+    (tmp_path / "basic_auth.ini").write_text(ini.replace("sqlite:////data/", f"sqlite:///{tmp_path}/"))
+    port = free_port()
+    args = [arg.replace("sqlite:////data/", f"sqlite:///{tmp_path}/").replace("--host=0.0.0.0", "--host=127.0.0.1")
+            .replace("--port=5000", f"--port={port}").replace("--workers=2", "--workers=1") for arg in server["args"]]
+    assert "--app-name=basic-auth" in args
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(tmp_path),
+             "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),  # the ConfigMap's mount, here
+             "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-Passw0rd!",
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-signing-key"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(process, base)
+        search, host = f"{base}/api/2.0/mlflow/experiments/search?max_results=1", f"{only(docs, 'Service')['metadata']['name']}:5000"
+        assert get(search, host) == 401
+        assert get(search, host, ("admin", "wrong")) == 401
+        assert get(search, host, ("admin", "s3cret-Passw0rd!")) == 200
+    finally:
+        stop(process)
 
 
 # --- Prometheus rules ---
@@ -437,7 +521,7 @@ def test_rules_read_only_metrics_that_telemetry_exports(telemetry_metrics):
 # --- Grafana dashboards ---
 
 DASHBOARDS = sorted((CHART.path / "dashboards").glob("*.json"))
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$job": ".*", "$stage": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*", "$job": ".*", "$stage": ".*"}
 
 
 def panel_queries() -> list[tuple[str, str, str]]:
@@ -450,7 +534,7 @@ def panel_queries() -> list[tuple[str, str, str]]:
     return queries
 
 
-def test_dashboards_ship_as_sidecar_configmaps_with_job_and_stage_variables():
+def test_dashboards_ship_as_sidecar_configmaps_with_namespace_job_and_stage_variables():
     assert [path.name for path in DASHBOARDS] == ["gpus.json", "training.json"]
     maps = [doc for doc in render("kube-prometheus-stack.yaml") if doc["kind"] == "ConfigMap" and "grafana_dashboard" in
             doc["metadata"]["labels"]]
@@ -459,7 +543,7 @@ def test_dashboards_ship_as_sidecar_configmaps_with_job_and_stage_variables():
         "grafana_folder": "dinoforge"} for doc in maps)
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
-        assert {var["name"] for var in dashboard["templating"]["list"]} == {"datasource", "job", "stage"}
+        assert [var["name"] for var in dashboard["templating"]["list"]] == ["datasource", "namespace", "job", "stage"]
         assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     assert not [doc for doc in render(None, "dashboards.enabled=false") if "grafana_dashboard" in doc["metadata"]["labels"]]
 
@@ -474,6 +558,16 @@ def test_dashboard_queries_cover_the_topics_and_read_only_telemetry_metrics(tele
                   "dinoforge_gpu_memory_used_bytes", "dinoforge_gpu_power_watts", "dinoforge_data_wait_seconds_total",
                   "dinoforge_checkpoint_seconds", "dinoforge_checkpoint_bytes"):
         assert topic in read, f"no panel shows {topic}"
+
+
+def test_dashboard_queries_keep_jobs_of_different_namespaces_apart():
+    """Two jobs of the same name in two namespaces: every query filters by the namespace variable
+    and every aggregation keeps the namespace, so their series never merge."""
+    for dashboard, title, expr in panel_queries():
+        selectors = re.findall(r"\{[^}]*\}", expr)
+        assert selectors and all('namespace=~"$namespace"' in selector for selector in selectors), (dashboard, title)
+        for grouping in re.findall(r"by \(([^)]*)\)", expr):
+            assert "namespace" in grouping.split(", ") or "job" not in grouping, (dashboard, title, grouping)
 
 
 def test_every_dashboard_query_parses_with_promtool(tmp_path):
@@ -545,6 +639,11 @@ def test_podmonitors_select_torchx_and_curation_pods_and_their_metrics_ports():
     (("mlflow.artifacts.destination=/mnt/artifacts",), None, "/mlflow/artifacts/destination"),
     (("mlflow.podSecurityContext.runAsNonRoot=false",), None, "/mlflow/podSecurityContext/runAsNonRoot"),
     (("mlflow.service.port=0",), None, "/mlflow/service/port"),
+    (("mlflow.deploy=true", "mlflow.persistence.enabled=true", "mlflow.auth.enabled=true"), None,
+     "/mlflow/auth/secretName"),
+    (("mlflow.auth.defaultPermission=ALL",), None, "/mlflow/auth/defaultPermission"),
+    (("networkPolicy.jobNamespaces={ML_Team}",), None, "/networkPolicy/jobNamespaces/0"),
+    ((), {"networkPolicy": {"mlflow": {"extraFrom": [{"podSelectr": {}}]}}}, "/networkPolicy/mlflow/extraFrom/0"),
 ])
 def test_bad_values_are_rejected_naming_the_value(sets, file_values, named, tmp_path):
     assert named in CHART.rejected_values(tmp_path, file_values, *sets)

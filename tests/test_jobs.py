@@ -20,6 +20,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from docker.models.containers import Container
 from kmock import KubernetesEmulator, Server, action
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -27,15 +28,17 @@ from kubernetes.config import new_client_from_config
 from kubernetes_validate.utils import all_versions
 from torchx.runner import get_runner
 from torchx.schedulers import DEFAULT_SCHEDULER_MODULES, get_scheduler_factories
-from torchx.specs import CfgVal
+from torchx.specs import AppState, CfgVal
 from torchx.specs.file_linter import get_fn_docstring
 
+from dinoforge.build_info import IMAGE_UID, WRITABLE_PATHS, default_image, version
 from dinoforge.checkpoint import committed_checkpoints
 from dinoforge.jobs.common import Launch
 from dinoforge.jobs.curate import curate
 from dinoforge.jobs.distill import distill
 from dinoforge.jobs.evaluate import evaluate
 from dinoforge.jobs.pretrain import pretrain
+from dinoforge.jobs.docker_scheduler import PodmanAwareDockerScheduler
 from dinoforge.jobs.scheduler import DinoforgeKubernetesScheduler
 from tiny import TINY
 
@@ -158,7 +161,7 @@ def test_kubernetes_dryrun_is_a_valid_volcano_job_of_valid_pods(stage, volcano_j
     assert f"--max-restarts 3 -m dinoforge.cli {cli} " in command
     env = {item["name"]: item["value"] for item in container(first)["env"]}
     assert env | {
-        "DINOFORGE_JOB": stage, "DINOFORGE_STAGE": stage, "DINOFORGE_IMAGE": "ghcr.io/dinoforge/dinoforge:latest",
+        "DINOFORGE_JOB": stage, "DINOFORGE_STAGE": stage, "DINOFORGE_IMAGE": default_image(),
         "DINOFORGE_METRICS_PORT": "9400",
         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_EXPERIMENT_NAME": "dinoforge",
         "DINOFORGE_LINEAGE_PARENT": "pipeline-7", "LOGLEVEL": "WARNING", "AWS_ENDPOINT_URL": "http://minio:9000",
@@ -166,6 +169,47 @@ def test_kubernetes_dryrun_is_a_valid_volcano_job_of_valid_pods(stage, volcano_j
     ports = {port["name"]: port["containerPort"] for port in container(first)["ports"]}
     assert {"c10d": 29500, "metrics-0": 9400, "metrics-1": 9401}.items() <= ports.items()
     assert container(first)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+                  "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def volume_at(task: dict, path: str) -> dict:
+    """The pod volume mounted at ``path`` in the task's container."""
+    (name,) = [mount["name"] for mount in container(task)["volumeMounts"] if mount["mountPath"] == path]
+    (volume,) = [volume for volume in task["template"]["spec"]["volumes"] if volume["name"] == name]
+    return volume
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_pod_is_restricted_read_only_tokenless_and_runs_the_versioned_image(stage):
+    job = dryrun(stage, *STAGES[stage][0], "--nnodes", "2")
+    for task in job["spec"]["tasks"]:
+        spec = task["template"]["spec"]
+        assert spec["securityContext"] == RESTRICTED_POD
+        assert container(task)["securityContext"] == RESTRICTED_CONTAINER
+        assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+        assert task["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dinoforge"
+        for path in WRITABLE_PATHS:  # what the image writes, on a read-only root
+            assert volume_at(task, path) == {"name": volume_at(task, path)["name"], "emptyDir": {}}
+        assert volume_at(task, "/dev/shm")["emptyDir"] == {"medium": "Memory"}  # DataLoader workers
+        assert container(task)["image"] == f"ghcr.io/dinoforge/dinoforge:{version()}"
+
+
+def test_security_options_another_user_a_writable_root_and_a_user_mount_on_a_scratch_path():
+    (task,) = dryrun("pretrain", "--output", "o", "--mounts", "type=volume,src=scratch-claim,dst=/tmp",
+                     run_as_user=2000, read_only_root_filesystem=False)["spec"]["tasks"]
+    assert task["template"]["spec"]["securityContext"]["runAsUser"] == 2000
+    assert container(task)["securityContext"]["readOnlyRootFilesystem"] is False
+    assert "/cache" not in {mount["mountPath"] for mount in container(task)["volumeMounts"]}  # not needed
+    (task,) = dryrun("pretrain", "--output", "o", "--mounts", "type=volume,src=scratch-claim,dst=/tmp")["spec"]["tasks"]
+    assert volume_at(task, "/tmp")["persistentVolumeClaim"] == {"claimName": "scratch-claim"}  # the user's, not ours
+    assert "emptyDir" in volume_at(task, "/cache")
+    with pytest.raises(ValueError, match="run_as_user must be a non-root user id"):
+        dryrun("pretrain", "--output", "o", run_as_user=0)
 
 
 def test_curate_embeds_under_torchrun_then_runs_the_rest_on_the_first_node():
@@ -219,12 +263,36 @@ def prometheus_annotations(task: dict) -> dict:
             if key.startswith("prometheus.io/")}
 
 
-def test_kubernetes_is_our_scheduler_and_torchx_defaults_stay_registered():
+def test_kubernetes_and_local_docker_are_ours_and_torchx_defaults_stay_registered():
     assert isinstance(get_scheduler_factories()["kubernetes"]("test"), DinoforgeKubernetesScheduler)
+    assert isinstance(get_scheduler_factories()["local_docker"]("test"), PodmanAwareDockerScheduler)
     registered = {ep.name: ep.value for ep in entry_points(group="torchx.schedulers")}
     assert registered.pop("kubernetes") == "dinoforge.jobs.scheduler:create_scheduler"
+    assert registered.pop("local_docker") == "dinoforge.jobs.docker_scheduler:create_scheduler"
     assert registered == {name: f"{module}:create_scheduler" for name, module in DEFAULT_SCHEDULER_MODULES.items()
-                          if name != "kubernetes"}
+                          if name not in ("kubernetes", "local_docker")}
+
+
+class ExitedContainer(Container):
+    """A container as docker-py describes it (``attrs`` from the API), whose ``wait`` reports ``code``."""
+
+    def __init__(self, state, code: int = 0):
+        super().__init__(attrs={"Id": "c1", "State": state})
+        self.code = code
+
+    def wait(self, timeout=None):
+        return {"StatusCode": self.code}
+
+
+@pytest.mark.parametrize("state, code, expected", [
+    ({"Status": "stopped"}, 0, AppState.SUCCEEDED), ({"Status": "stopped"}, 3, AppState.FAILED),
+    ("stopped", 0, AppState.SUCCEEDED), ({"Status": "stopping"}, 0, AppState.RUNNING),
+    ({"Status": "configured"}, 0, AppState.SUBMITTED), ({"Status": "exited"}, 1, AppState.FAILED),
+    ({"Status": "running"}, 0, AppState.RUNNING),
+])
+def test_local_docker_reads_podmans_container_states(state, code, expected):
+    """podman's Docker API reports states Docker has not (TorchX 0.7.0 fails on them with KeyError)."""
+    assert PodmanAwareDockerScheduler("test")._get_app_state(ExitedContainer(state, code)) == expected
 
 
 @pytest.mark.parametrize("stage", STAGES)

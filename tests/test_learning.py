@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinoforge.cli import knn_eval
+from dinoforge.eval.knn import knn_eval
 from dinoforge.eval.features import labelled_images
 from dinoforge.config import load_config
 from dinoforge.export import build_from_meta, export_backbone, load_backbone

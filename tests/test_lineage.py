@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # before mlflow is imported
 
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dinoforge.lineage import (  # noqa: E402
@@ -25,6 +28,7 @@ from dinoforge.lineage import (  # noqa: E402
     Lineage,
     digest_uri,
     lineage_chain,
+    pipeline_scope,
     read_journal,
     stage_lineage,
     sync_journal,
@@ -40,6 +44,7 @@ def lineage_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DINOFORGE_GIT_COMMIT", "0123abcd")
     monkeypatch.setenv("DINOFORGE_IMAGE", "dinoforge:test")
+    monkeypatch.setenv("DINOFORGE_USER", "lineage-tester")
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DINOFORGE_LINEAGE_PARENT", "DINOFORGE_LINEAGE_DIR",
                  "DINOFORGE_LINEAGE"):
         monkeypatch.delenv(name, raising=False)
@@ -55,6 +60,16 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
+def _tiny_export(path: Path) -> str:
+    """A real exported backbone (the smoke preset's architecture at random init): X.pth + X.json."""
+    from dinoforge.config import load_config
+    from dinoforge.export import export_random
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_random(load_config("smoke", []), str(path), seed=0)
+    return str(path)
+
+
 def run_chain(journal: str, files: Path, tracking_uri: str | None, experiment: str, model: str) -> dict:
     """A pipeline run and three stages: curate -> pretrain -> evaluate, with real files."""
     pool = _write(files / "pool.parquet", b"pool manifest")
@@ -62,8 +77,7 @@ def run_chain(journal: str, files: Path, tracking_uri: str | None, experiment: s
     checkpoint = files / "checkpoints" / "step_00000005"
     _write(checkpoint / "model.distcp", b"shards")
     _write(checkpoint / "trainer.json", b'{"step": 5}')
-    weights = _write(files / "teacher.pth", b"weights")
-    _write(files / "teacher.json", b'{"arch": "vit_small"}')
+    weights = _tiny_export(files / "teacher.pth")
     results = _write(files / "results.json", json.dumps({"knn_top1": 0.42}).encode())
     digests = {name: digest_uri(uri) for name, uri in
                {"pool": pool, "curated": curated, "checkpoint": str(checkpoint), "weights": weights, "results": results}.items()}
@@ -101,37 +115,47 @@ def check_chain(tracking_uri: str, experiment: str, model: str, chain: dict) -> 
     assert all(s["status"] == "FINISHED" for s in stages)
     curate, pretrain, evaluate = stages
     digests = chain["digests"]
-    assert curate["inputs"] == [{"name": "pool", "uri": str(Path(chain["weights"]).parent / "pool.parquet"),
+    files = Path(chain["weights"]).parent
+    assert curate["inputs"] == [{"name": "pool", "uri": (files / "pool.parquet").as_uri(),  # absolute URIs
                                  "digest": digests["pool"], "kind": "manifest"}]
     assert curate["outputs"][0]["digest"] == pretrain["inputs"][0]["digest"] == digests["curated"]
     outputs = {o["kind"]: o for o in pretrain["outputs"]}
     assert outputs["checkpoint"]["digest"] == digests["checkpoint"]
     assert outputs["weights"]["digest"] == evaluate["inputs"][0]["digest"] == digests["weights"]
-    assert evaluate["outputs"] == [{"name": "results", "uri": str(Path(chain["weights"]).parent / "results.json"),
+    assert evaluate["outputs"] == [{"name": "results", "uri": (files / "results.json").as_uri(),
                                     "digest": digests["results"], "kind": "results"}]
+    assert [len(s["inputs"]) for s in stages] == [1, 1, 1]  # outputs are tags, never dataset inputs
 
     runs = {s["stage"]: client.get_run(s["run_id"]) for s in stages}
     for run in runs.values():
         assert run.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
         assert run.data.tags["mlflow.source.git.commit"] == "0123abcd"
+        assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.source.name"]
+        assert run.data.tags["mlflow.user"] == "lineage-tester"
         assert run.data.tags["dinoforge.image"] == "dinoforge:test"
     pretrain_run = runs["pretrain"]
     assert pretrain_run.data.params["model.arch"] == "vit_small"
     assert pretrain_run.data.params["optim.betas"] == "[0.9, 0.999]"
-    assert pretrain_run.data.tags["dinoforge.output.teacher"] == f"{chain['weights']}@{digests['weights']}"
+    teacher = f"{Path(chain['weights']).as_uri()}@{digests['weights']}"
+    assert pretrain_run.data.tags["dinoforge.output.weights.teacher"] == teacher
     history = client.get_metric_history(pretrain_run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(len(LOSSES)))
     assert [m.value for m in history][:3] == LOSSES[:3] and math.isnan(history[3].value)
     assert "results.json" in [a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)]
 
+    # The exported weights: a pyfunc MLflow Model, the evaluate run's model output, registered.
     [version] = client.search_model_versions(f"name = '{model}'")
     evaluate_run = runs["evaluate"]
     assert int(version.version) == 1
     assert version.run_id == evaluate_run.info.run_id
-    assert version.source == f"{evaluate_run.info.artifact_uri}/models/{model}"
+    [model_id] = evaluate["models"]  # the open-source registry keeps no model id on versions: their source
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == evaluate_run.info.run_id and version.source == logged.artifact_location
     assert int(client.get_model_version_by_alias(model, "current").version) == 1
-    files = sorted(a.path for a in client.list_artifacts(evaluate_run.info.run_id, f"models/{model}"))
-    assert files == [f"models/{model}/teacher.json", f"models/{model}/teacher.pth"]
+    files = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    assert {"MLmodel", "python_model.pkl"} <= files, files
+    assert {a.path for a in client.list_logged_model_artifacts(model_id, "artifacts")} == \
+        {"artifacts/teacher.pth", "artifacts/teacher.json"}
     return client
 
 
@@ -149,16 +173,19 @@ def test_chain_against_server_and_replays(mlflow_server, tmp_path):
         counts = sync_journal(journal, mlflow_server)
         assert counts == {"runs": 4, "events_pushed": 0, "pending": 0}
     after = (len(client.get_metric_history(pretrain_id, "loss")), len(client.get_run(pretrain_id).inputs.dataset_inputs))
-    assert after == before == (len(LOSSES), 3)  # curated in; checkpoint and teacher out
+    assert after == before == (len(LOSSES), 1)  # curated in
     assert len(client.search_model_versions(f"name = '{model}'")) == 1
     events = read_journal(journal)[chain["stages"][2].key]
     assert client.get_run(evaluate_id).data.tags[SYNCED_TAG] == str(len(events))
 
-    # A replay behind the counter (a crash before it was updated) adds no model version or input.
+    # A replay behind the counter (a crash before it was updated) adds no model, version, output or input.
     client.set_tag(evaluate_id, SYNCED_TAG, "1")
     assert sync_journal(journal, mlflow_server)["events_pushed"] == len(events) - 1
     assert len(client.search_model_versions(f"name = '{model}'")) == 1
-    assert len(client.get_run(evaluate_id).inputs.dataset_inputs) == 2
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    assert len(client.search_logged_models([experiment_id])) == 1
+    assert len(client.get_run(evaluate_id).outputs.model_outputs) == 1
+    assert len(client.get_run(evaluate_id).inputs.dataset_inputs) == 1
 
 
 def test_down_server_costs_nothing_then_sync(mlflow_server, tmp_path, caplog):
@@ -195,7 +222,7 @@ def test_down_server_costs_nothing_then_sync(mlflow_server, tmp_path, caplog):
     assert run.data.params["optim.lr"] == "0.1"
     long = run.data.params["long"]
     assert len(long) == 6000 and long.endswith("...[truncated 7000 chars]")
-    assert len(run.inputs.dataset_inputs) == 2
+    assert len(run.inputs.dataset_inputs) == 1  # the output is a tag
 
 
 def test_hanging_server_costs_one_timeout_per_attempt(tmp_path, monkeypatch):
@@ -212,32 +239,35 @@ def test_hanging_server_costs_one_timeout_per_attempt(tmp_path, monkeypatch):
 
 
 def test_local_default_store(tmp_path, monkeypatch):
+    """No tracking URI: a sqlite store beside the journal, artifacts beside it, nothing in the
+    working directory and no environment variable changed."""
     experiment, model = _unique("local"), _unique("teacher")
+    (tmp_path / "files").mkdir()
+    monkeypatch.chdir(tmp_path / "files")
+    environ = dict(os.environ)
     chain = run_chain(str(tmp_path / "lineage"), tmp_path / "files", None, experiment, model)
-    store = (tmp_path / "mlruns").as_uri()
+    assert dict(os.environ) == environ
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert chain["stages"][0].run_id is not None
-    # What lineage sets while it writes there (see dinoforge.lineage._client_env).
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     check_chain(store, experiment, model, chain)
     assert sync_journal(str(tmp_path / "lineage")) == {"runs": 4, "events_pushed": 0, "pending": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["files", "lineage", "mlartifacts", "mlflow.db"]
+    assert not [p for p in (tmp_path / "files").iterdir() if p.name.startswith(("mlruns", "mlflow"))]
 
 
 def test_parent_synced_later_completes_its_bare_run(tmp_path, monkeypatch):
-    store = (tmp_path / "mlruns").as_uri()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pipeline = Lineage(str(tmp_path / "a"), "pipeline", run_name="smoke", tracking_uri=f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DINOFORGE_LINEAGE_PARENT", pipeline.key)
     with Lineage(str(tmp_path / "b"), "curate", tracking_uri=store) as curate:
         curate.metrics({"kept": 10.0})
     pipeline.end()
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     client = MlflowClient(store, registry_uri=store)
     parent_id = client.get_run(curate.run_id).data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).data.tags[RUN_KEY_TAG] == pipeline.key
     assert client.get_run(parent_id).info.status == "RUNNING"  # the bare run the child made
 
-    assert sync_journal(str(tmp_path / "a")) == {"runs": 1, "events_pushed": 2, "pending": 0}
+    assert sync_journal(str(tmp_path / "a"), store) == {"runs": 1, "events_pushed": 2, "pending": 0}
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "smoke" and parent.info.status == "FINISHED"
     assert parent.data.tags["dinoforge.stage"] == "pipeline"
@@ -260,7 +290,7 @@ def test_disabled_is_a_no_op(tmp_path, monkeypatch):
     lineage = Lineage(str(tmp_path / "lineage"), "pretrain")
     lineage.metrics({"loss": 1.0}, step=0)
     lineage.end()
-    assert lineage.sync() and not (tmp_path / "lineage").exists() and not (tmp_path / "mlruns").exists()
+    assert lineage.sync() and not list(tmp_path.iterdir())
 
 
 def test_stage_lineage_uses_the_pipeline_journal_and_parent(tmp_path, monkeypatch):
@@ -290,3 +320,45 @@ def test_digest_uri(tmp_path):
     assert digest_uri(str(tmp_path / "d")) != first
     assert digest_uri(str(tmp_path / "d" / "a.bin")) == \
         "sha256:559aead08264d5795d3909718cdd05abd49572e84fe55590eef31a88a08fdffd"
+
+
+def test_two_pipelines_in_one_process_do_not_interfere(mlflow_server, tmp_path):
+    """Two pipelines record and sync from two threads at once (as the operator's handlers do), one
+    to a server, one to a local store: each stage finds its own pipeline's parent and journal,
+    each store holds only its own runs with their own metrics, and no environment variable changes."""
+    stores = {"a": mlflow_server, "b": f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"}
+    experiment = _unique("parallel")
+    together = threading.Barrier(len(stores))
+    environ = dict(os.environ)
+
+    def pipeline(name: str) -> tuple[str, list[str]]:
+        journal, common = str(tmp_path / name / "lineage"), {"tracking_uri": stores[name], "experiment": experiment}
+        parent = Lineage(journal, "pipeline", run_name=f"pipeline-{name}", sync_every_s=0, **common)
+        children = []
+        with parent, pipeline_scope(parent):
+            for stage in ("curate", "pretrain", "export"):
+                together.wait(timeout=120)  # every stage starts and syncs alongside the other pipeline's
+                with stage_lineage(stage, None, sync_every_s=0, **common) as lineage:
+                    lineage.params({"pipeline": name})
+                    for step in range(5):
+                        lineage.metrics({"loss": ord(name) + step}, step=step)
+                children.append(lineage.key)
+        return parent.key, children
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        keys = dict(zip(stores, pool.map(pipeline, stores)))
+    assert dict(os.environ) == environ
+    for name, uri in stores.items():
+        parent_key, child_keys = keys[name]
+        assert set(read_journal(str(tmp_path / name / "lineage"))) == {parent_key, *child_keys}
+        client = MlflowClient(uri, registry_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        by_key = {run.data.tags[RUN_KEY_TAG]: run for run in runs}
+        assert set(by_key) == {parent_key, *child_keys}  # nothing of the other pipeline
+        parent_id = by_key[parent_key].info.run_id
+        for key in child_keys:
+            run = by_key[key]
+            assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.params == {"pipeline": name}
+            history = client.get_metric_history(run.info.run_id, "loss")
+            assert [m.value for m in history] == [ord(name) + step for step in range(5)]
+            assert run.info.status == "FINISHED"

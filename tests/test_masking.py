@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dinoforge.model.masking import block_mask, sample_masks
+from dinoforge.data.masking import block_mask, sample_masks
 
 
 def gen(seed: int) -> torch.Generator:

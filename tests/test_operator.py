@@ -80,14 +80,14 @@ def kubeconfig(path: Path, url: str, token: str) -> Path:
 
 
 @contextlib.contextmanager
-def emulated_api_server():
-    """kmock's Kubernetes emulator with the resources the operator uses, served over HTTP from a
-    thread; yields its url, its RecordingAPI and the loop."""
+def emulated_api_server(host: str = "127.0.0.1"):
+    """kmock's Kubernetes emulator with the resources the operator uses, served over HTTP on ``host``
+    from a thread; yields its url, its RecordingAPI and the loop."""
     serving, server = threading.Event(), {}
 
     async def serve() -> None:
         stop = asyncio.Event()
-        async with RecordingAPI() as api, Server(api) as http:
+        async with RecordingAPI() as api, Server(api, host=host) as http:
             api.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = api.ResourceInfo(
                 kind="DinoPipeline", singular="dinopipeline", namespaced=True, subresources={"status"},
                 verbs={"list", "watch", "get", "create", "patch", "update", "delete"})

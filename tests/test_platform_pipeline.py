@@ -75,7 +75,8 @@ def _check_chain(tracking_uri: str, run_id: str, summary: dict) -> None:
     runs = {run["stage"]: run["run_id"] for run in chain}
     assert [m.step for m in client.get_metric_history(runs["pretrain"], "loss")] == [2, 4]
     assert client.get_run(runs["pretrain"]).data.params["optim.base_lr"] == "0.004"
-    assert client.get_run(run_id).data.metrics["knn_top1_trained"] == pytest.approx(summary["knn_top1_trained"])
+    assert client.get_run(run_id).data.metrics["knn_top1"] == pytest.approx(summary["knn_top1_trained"])
+    assert client.get_run(runs["evaluate"]).data.metrics["knn_top1"] == pytest.approx(summary["knn_top1_trained"])
     versions = client.search_model_versions(f"run_id = '{runs['export']}'")
     assert len(versions) == 1 and versions[0].name == "dinoforge-vit_nano-smoke"
     assert client.get_model_version_by_alias(versions[0].name, "current").version == versions[0].version

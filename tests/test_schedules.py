@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dinoforge.model.schedules import CosineSchedule, sqrt_scaled_lr
+from dinoforge.training.schedules import CosineSchedule, sqrt_scaled_lr
 
 
 def reference_array(base, final, total, warmup=0, start_warmup=0.0, freeze=0) -> np.ndarray:

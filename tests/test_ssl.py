@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from dinoforge.config import load_config
-from dinoforge.model.optim import apply_schedules, param_groups
-from dinoforge.train import Schedules, build_meta_arch
+from dinoforge.training.build import build_meta_arch
+from dinoforge.training.ema import update_ema
+from dinoforge.training.optim import apply_schedules, param_groups
+from dinoforge.training.schedules import Schedules
 
 TINY = ["model.arch=vit_nano", "objective.dino_head.n_prototypes=64", "objective.ibot_head.n_prototypes=64",
         "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32", "crops.local_crops_number=2"]
@@ -50,13 +52,28 @@ def test_teacher_starts_as_student_and_follows_ema():
         for p in model.student.parameters():
             p.add_(1.0)
     before = [t.clone() for t in model.teacher.parameters()]
-    model.update_teacher(0.9)
+    update_ema(model, 0.9)
     for s, t, b in zip(model.student.parameters(), model.teacher.parameters(), before):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
     assert model.teacher["backbone"].blocks[0].drop_path_rate == 0.0
     assert model.student["backbone"].blocks[0].drop_path_rate == cfg.model.drop_path_rate
     model.train()
     assert not model.teacher.training
+
+
+def test_sharding_and_the_ema_see_the_model_through_its_interface():
+    model = build_meta_arch(load_config("smoke", TINY))
+    units = model.shard_units()
+    modules = [unit.module for unit in units]
+    for branch in (model.student, model.teacher):
+        backbone = branch["backbone"]
+        assert modules.index(backbone.blocks[-1]) < modules.index(backbone)  # inner units first
+        assert units[modules.index(backbone)].forward_methods == ("forward_features",)
+        assert units[modules.index(branch["ibot_head"])].reduce_in_fp32 and not units[0].reduce_in_fp32
+    assert {id(p) for module in modules for p in module.parameters()} == {id(p) for p in model.parameters()}
+    ema, followed = model.ema_pairs()
+    assert [p.shape for p in ema] == [p.shape for p in followed] and len(ema) == len(list(model.teacher.parameters()))
+    assert not any(p.requires_grad for p in ema) and all(p.requires_grad for p in followed)
 
 
 def test_shared_ibot_head_option():

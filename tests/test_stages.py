@@ -16,7 +16,8 @@ from dinoforge.checkpoint import latest_checkpoint
 from dinoforge.cli import main
 from dinoforge.config import load_config
 from dinoforge.export import export_backbone, load_backbone
-from dinoforge.train import Schedules, pretrain
+from dinoforge.train import pretrain
+from dinoforge.training.schedules import Schedules
 
 TINY = TINY_BASE + ["train.batch_size_per_gpu=8", "train.checkpoint_period=3"]
 DISTILLATION = Path(__file__).resolve().parents[1] / "benchmarks" / "distillation.py"

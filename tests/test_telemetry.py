@@ -102,7 +102,7 @@ def test_records_steps_values_checkpoints_skips_and_progress(telemetry, monkeypa
     assert value(text, "dinoforge_skipped_images_total", reason="decode") == 5
     assert value(text, "dinoforge_skipped_images_total", reason="too_small") == 1
     assert value(text, "dinoforge_progress_done") == 3
-    assert value(text, "dinoforge_progress_total") == 10
+    assert value(text, "dinoforge_progress_items") == 10
 
     assert value(text, "dinoforge_restarts") == 2
     assert value(text, "dinoforge_info", host=socket.gethostname(), torch_version=metadata.version("torch")) == 1
@@ -119,7 +119,7 @@ def test_gauges_appear_once_set(telemetry):
     assert value(text, "dinoforge_images_total", job="j", stage="curate", rank="1") == 0
     assert value(text, "dinoforge_restarts") == 0
     t.progress(0, 7)
-    assert value(t.render(), "dinoforge_progress_total") == 7
+    assert value(t.render(), "dinoforge_progress_items") == 7
 
 
 def test_without_a_gpu_driver_gpu_available_is_0(telemetry, caplog):
@@ -258,3 +258,19 @@ def test_prometheus_scrapes_a_training_process(tmp_path):
     finally:
         trainer.terminate()
         trainer.wait()
+
+
+def test_exposition_passes_promtool_check_metrics(telemetry):
+    """Every family a training or curation process exports, as served, passes Prometheus's own
+    metrics lint (naming conventions such as no ``_total`` suffix on gauges)."""
+    t = telemetry("pretrain")
+    t.train_step(images=64, step_seconds=0.5, data_seconds=0.1)
+    t.train_values({"loss": 1.0, "dino_loss": 1.25, "lr": 1e-3, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.07})
+    t.checkpoint("save", 1.5, 2048)
+    t.skipped({"decode": 2})
+    t.progress(3, 10)
+    text = t.render()
+    assert {"dinoforge_progress_items", "dinoforge_checkpoints_total", "dinoforge_skipped_images_total"} <= \
+        {name for name, _, _ in samples(text)}
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -11,11 +11,12 @@ import yaml
 from checkpoints import checkpoint_tensors
 from tiny import TINY as TINY_BASE
 
-from dinoforge.checkpoint import latest_checkpoint, read_trainer_state
+from dinoforge.checkpoint import latest_checkpoint, read_train_state
 from dinoforge.cli import main
-from dinoforge.config import load_config
+from dinoforge.config import load_config, to_dict
 from dinoforge.export import load_backbone
 from dinoforge.train import pretrain
+from dinoforge.training.state import TrainState
 
 TINY = TINY_BASE + [
     "train.batch_size_per_gpu=8", "train.checkpoint_period=2", "train.keep_checkpoints=2", "model.drop_path_rate=0.2",
@@ -48,9 +49,18 @@ def test_straight_run_writes_metrics_config_and_checkpoints(straight_run):
     assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[-1]["teacher_temp"] == pytest.approx(0.07)
     kept = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000006"]  # retention of the newest 2
-    assert read_trainer_state(str(output / "checkpoints" / "step_00000006"))["data"]["position"] == 6 * 8
+    assert read_train_state(str(output / "checkpoints" / "step_00000006")).position == 6 * 8
     written = yaml.safe_load((output / "config.yaml").read_text())
     assert written["model"]["arch"] == "vit_nano" and written["train"]["batch_size_per_gpu"] == 8
+
+
+def test_train_state_reads_the_trainer_json_of_earlier_checkpoints():
+    saved = {"step": 6, "world_size": 2, "batch_size_per_gpu": 8,  # as checkpoints before TrainState wrote it
+             "data": {"position": 96, "dataset": "sha256:ab", "skipped": {"files": {"3": "truncated"}, "events": 2}},
+             "config": to_dict(load_config("smoke"))}
+    state = TrainState.from_dict(saved)
+    assert (state.step, state.position, state.world_size, state.skipped.files) == (6, 96, 2, {3: "truncated"})
+    assert state.to_dict() == saved and state.run_config() == load_config("smoke")
 
 
 @pytest.mark.parametrize("workers", [0, 2])

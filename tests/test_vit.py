@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dinoforge.model.layers import Block, _kept_rows, swiglu_hidden_dim
 from dinoforge.model import DinoVisionTransformer, build_backbone
+from dinoforge.model.spec import BackboneSpec, official_spec
 
 OFFICIAL_COUNTS = {"vit_small": 22_056_576, "vit_base": 86_580_480, "vit_large": 304_368_640, "vit_giant2": 1_136_480_768}
 WIDTHS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536}
@@ -100,7 +101,7 @@ def reference_forward(w: dict, x: torch.Tensor, *, patch: int, heads: int, depth
 @pytest.mark.parametrize("registers", [0, 4])
 def test_official_parameter_counts_and_strict_load(arch, registers):
     with torch.device("meta"):
-        model = build_backbone(arch, num_register_tokens=registers)
+        model = official_spec(arch, registers).build()
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_COUNTS[arch] + WIDTHS[arch] * registers
     spec_depth = len(model.blocks)
     layout = official_layout(WIDTHS[arch], spec_depth, 14, 37, registers, arch == "vit_giant2", 4 * WIDTHS[arch])
@@ -212,6 +213,14 @@ def test_eval_mode_is_deterministic_and_training_drop_path_is_unbiased():
             rows, scale, _ = _kept_rows([(4, 3)], 0.25, x.device)
             total.index_add_(0, rows, reference[rows] * scale)
     torch.testing.assert_close(total / draws, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+
+
+def test_spec_round_trips_through_export_metadata():
+    spec = BackboneSpec.named("vit_giant2", patch_size=4, img_size=16, num_register_tokens=2)
+    assert (spec.embed_dim, spec.depth, spec.num_heads, spec.ffn_layer) == (1536, 40, 24, "swiglu")
+    assert BackboneSpec.from_meta({"arch": "vit_giant2", "image_size": 16, **spec.to_meta()}) == spec
+    with torch.device("meta"):
+        assert official_spec("vit_small").build().state_dict().keys() == build_backbone("vit_small").state_dict().keys()
 
 
 def test_rejects_sizes_not_divisible_by_patch():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import tarfile
 from collections import Counter
@@ -48,6 +49,16 @@ class ImportReport:
     def skip(self, uri: str, bad: BadImage) -> None:
         log.warning("skipped %s: %s (%s)", uri, bad.reason, bad.detail)
         self.skipped.append({"uri": uri, "reason": bad.reason, "detail": bad.detail})
+
+    def write(self, uri: str) -> dict:
+        """Writes the manifest to ``uri`` (and ``URI.skipped.jsonl``, one skipped image a line,
+        when some were skipped); returns a summary."""
+        digest = self.manifest.write(uri)
+        if self.skipped:
+            with fsspec.open(uri + ".skipped.jsonl", "w") as handle:
+                handle.writelines(json.dumps(item) + "\n" for item in self.skipped)
+        return {"manifest": uri, "digest": digest, "images": len(self.manifest), "skipped": self.skipped_by_reason,
+                "classes": len(self.manifest.classes)}
 
 
 def _progress(label: str, enabled: bool) -> Progress:

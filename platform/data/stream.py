@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinoforge.data.decode import BadImage
 from dinoforge.data.sources import ImageSource
-from dinoforge.model.augment import MultiCropAugmentation
+from dinoforge.data.augment import MultiCropAugmentation
 
 log = logging.getLogger("dinoforge.data")
 

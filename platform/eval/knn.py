@@ -16,9 +16,17 @@ neighbours would be ordered when fewer than 5 classes got votes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+from dinoforge.eval.features import cls_features, labelled_images
+
+if TYPE_CHECKING:
+    from dinoforge.distributed import World
+    from dinoforge.eval.suite import SuiteSettings
 
 # Elements of one chunk's (test x train) similarity block: 2**26 float32 = 256 MiB.
 SIMILARITY_BUDGET = 2**26
@@ -228,3 +236,36 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
         "top1": 100.0 * _hits(scores, test_labels, 1).sum().item() / len(test_labels),
         "top5": 100.0 * _hits(scores, test_labels, 5).sum().item() / len(test_labels),
     }
+
+
+def knn_eval(
+    backbone: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict:
+    """k-NN top-1/top-5 of ``backbone``'s CLS features on prepared (images, labels) sets, in
+    one process."""
+    train_features, test_features = cls_features(backbone, train[0]), cls_features(backbone, test[0])
+    result = knn_accuracy(train_features, train[1], test_features, test[1], k=k, temperature=temperature)
+    sizes = {"n_train": len(train[1]), "n_test": len(test[1])}
+    return {"protocol": "knn", "k": k, "temperature": temperature, **result, **sizes}
+
+
+def knn_sharded(backbones: dict[str, nn.Module], meta: dict, settings: SuiteSettings, world: World) -> list[dict]:
+    """``knn_protocol`` for each backbone with the training set sharded across the ranks of
+    ``world``: each rank prepares and embeds only its share of the training images; every rank
+    gets every result."""
+    shard = (world.rank, world.world_size)
+    train_x, train_y = labelled_images(meta, settings.train, settings.data, settings.train_limit, shard)
+    test_x, test_y = labelled_images(meta, settings.test, settings.data, settings.test_limit)
+    train_y, test_y = train_y.to(world.device), test_y.to(world.device)
+    results = []
+    for name, backbone in backbones.items():
+        backbone.to(world.device)
+        train_f = cls_features(backbone, train_x.to(world.device))
+        test_f = cls_features(backbone, test_x.to(world.device))
+        result = knn_protocol(train_f, train_y, test_f, test_y, ks=settings.ks, temperature=settings.temperature)
+        results.append({**result, "init": name, "world_size": world.world_size})
+    return results

@@ -58,6 +58,9 @@ container's env (a Secret key), so the database password never appears in the po
 - --host=0.0.0.0
 - --port={{ int $m.service.port }}
 - --workers={{ int $m.workers }}
+{{- if $m.auth.enabled }}
+- --app-name=basic-auth
+{{- end }}
 {{- if eq $m.backendStore.type "sqlite" }}
 - --backend-store-uri=sqlite:////data/mlflow.db
 {{- else }}

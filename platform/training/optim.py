@@ -1,10 +1,16 @@
-"""AdamW parameter groups of the DINOv2 recipe (official ``get_params_groups``)."""
+"""AdamW with the parameter groups of the DINOv2 recipe (official ``get_params_groups``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dinoforge.config import Config
+    from dinoforge.model import MetaArch
 
 _EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
 
@@ -46,12 +52,25 @@ def param_groups(student: nn.ModuleDict, layerwise_decay: float, patch_embed_lr_
         key = GroupKey(lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name)
         groups.setdefault(key, []).append(param)
     return [
-        {"params": params, "lr_multiplier": k.lr_multiplier, "wd_multiplier": k.wd_multiplier, "is_last_layer": k.is_last_layer}
+        {
+            "params": params,
+            "lr_multiplier": k.lr_multiplier,
+            "wd_multiplier": k.wd_multiplier,
+            "is_last_layer": k.is_last_layer,
+        }
         for k, params in groups.items()
     ]
 
 
-def apply_schedules(optimizer, lr: float, last_layer_lr: float, weight_decay: float) -> None:
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, last_layer_lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
+
+
+def build_optimizer(model: MetaArch, cfg: Config) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+        betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+        fused=cfg.train.fused_optimizer or None,
+    )

@@ -3,14 +3,18 @@
 Mirrors the official dinov2 ``MaskingGenerator`` and the masking part of its ``collate_data_and_cast``,
 with two differences that make it exact and reproducible: the masked count is always exactly the
 one asked for (the official generator may stop short), and all randomness comes from an explicit
-``torch.Generator``, so masks are a pure function of the generator's seed.
+``torch.Generator``, so masks are a pure function of the generator's seed (``MaskSampler``: of
+the run's seed, the step and the rank).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from dinoforge.data.stream import MASK_STREAM, sample_seed
 
 MAX_TRIES = 10  # rectangle tries per placement round, as the official MaskingGenerator._mask
 
@@ -104,7 +108,19 @@ def sample_masks(
     return masks[torch.randperm(n_images, generator=generator)]
 
 
-def masked_rows(masks: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the masked patches, (M,) in row-major order: the rows of the iBOT
-    logits and targets."""
-    return masks.flatten().nonzero().squeeze(1)
+@dataclass(frozen=True)
+class MaskSampler:
+    """One rank's masks for each training step: ``sampler(step)`` is a pure function of (seed,
+    step, rank), so a resumed run draws the same masks at the same step."""
+
+    seed: int
+    rank: int
+    n_images: int
+    grid: int  # patches per side
+    mask_probability: float
+    ratio_min_max: tuple[float, float]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        seed = sample_seed(sample_seed(self.seed, step, MASK_STREAM), self.rank, MASK_STREAM)
+        generator = torch.Generator().manual_seed(seed)
+        return sample_masks(self.n_images, (self.grid, self.grid), generator, self.mask_probability, self.ratio_min_max)
