@@ -141,6 +141,9 @@ def create_job(stage: Stage, attempt: int, spec: Mapping[str, Any], body: Mappin
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     existing = find_job(name, namespace, stage.name, attempt)
     if existing:
+        log.info("[%s/%s] adopting job %s: stage %s attempt %d was created before (by a handler that was retried "
+                 "or an operator process that stopped)", namespace, name, existing["metadata"]["name"], stage.name,
+                 attempt)
         return existing["metadata"]["name"]
     job = job_body(stage, attempt, spec, namespace)
     job["metadata"].setdefault("labels", {}).update(
@@ -214,13 +217,14 @@ def advance(spec: Mapping[str, Any], name: str, namespace: str, uid: str, body: 
             status: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
     if status.get("phase") != "Running":
         return
-    stages = plan(spec, name, status.get("lineageParent", ""))
-    names = [s.name for s in stages]
     current = status["stage"]
-    index, record = names.index(current), status["stages"][current]
+    record = status["stages"][current]
     phase = job_phase(namespace, record["job"])
     if phase not in DONE | FAILED | {"Missing"}:
         return
+    # Planned only now: plan() loads every stage's preset, too much CPU for each tick of every pipeline.
+    stages = plan(spec, name, status.get("lineageParent", ""))
+    index = [s.name for s in stages].index(current)
     new = {"stages": {k: dict(v) for k, v in status["stages"].items()}, "conditions": status.get("conditions") or []}
     if phase in DONE:
         new["stages"][current]["phase"] = "Succeeded"

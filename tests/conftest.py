@@ -23,6 +23,21 @@ FIXTURE_SECONDS = {"smoke_run": 750, "full_smoke_teacher": 820,
                    # building the container image (tests/test_container.py), unless .ci/run built it first
                    "image": 0 if os.environ.get("DINOFORGE_TEST_IMAGE") else 1200}
 _fixtures_built: set[str] = set()
+# Figures tests report (fuzz case counts, the operator's load figures...): printed in pytest's
+# terminal summary, so they show in CI's log without -s.
+_figures: list[tuple[str, object]] = []
+
+
+def report_figures(title: str, figures: object) -> None:
+    """Shows ``figures`` (JSON-able) under ``title`` in the terminal summary of this pytest run."""
+    _figures.append((title, figures))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _figures:
+        terminalreporter.section("dinoforge figures")
+        for title, figures in _figures:
+            terminalreporter.write_line(f"{title}: {json.dumps(figures)}")
 
 
 def pytest_fixture_setup(fixturedef):

@@ -9,6 +9,7 @@ collector (the emulator has none: deletion is the operator's explicit deletes), 
 the API server's own schema validation (the emulator stores any body)."""
 
 import asyncio
+import collections
 import contextlib
 import os
 import re
@@ -43,13 +44,22 @@ ran: set[str] = set()
 
 
 class RecordingAPI(KubernetesAPI):
-    """The emulator, recording each (apiGroup, resource[/subresource], verb) the operator calls,
-    and giving a created object the uid, resourceVersion and creationTimestamp an API server
-    would (kopf's finalizer patch tests the resourceVersion; owner references need the uid)."""
+    """The emulator, recording each (apiGroup, resource[/subresource], verb) the operator calls
+    (``calls``) and how often it called each (verb, resource[/subresource]) (``counts``), and giving
+    a created object the uid, resourceVersion and creationTimestamp an API server would (kopf's
+    finalizer patch tests the resourceVersion; owner references need the uid).
+
+    ``job_create_latency`` seconds pass between storing a created job and answering its creator
+    (a loaded API server); ``creating`` maps each job stored but not yet answered to when it was
+    stored (read it under ``lock``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: set[tuple[str, str, str]] = set()
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.job_create_latency = 0.0
+        self.creating: dict[str, float] = {}
+        self.lock = threading.Lock()
 
     async def _handle(self, request):
         if request.action == action.CREATE and isinstance(request.data, dict):
@@ -62,11 +72,22 @@ class RecordingAPI(KubernetesAPI):
             verb = VERBS.get(request.action) or ("patch" if str(request.method).upper().endswith("PATCH") else "update")
             resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
             self.calls.add((request.resource.group or "", resource, verb))
+            self.counts[(verb, resource)] += 1
         try:
-            return await super()._handle(request)
+            response = await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as error:  # kmock answers 500; kopf waits for a 422 and retries
             return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 422,
                                               "reason": "Invalid", "message": str(error)}, status=422)
+        if self.job_create_latency and request.action == action.CREATE and request.resource.plural == JOBS[2]:
+            name = request.data["metadata"]["name"]
+            with self.lock:
+                self.creating[name] = time.monotonic()
+            try:
+                await asyncio.sleep(self.job_create_latency)
+            finally:
+                with self.lock:
+                    del self.creating[name]
+        return response
 
 
 def kubeconfig(path: Path, url: str, token: str) -> Path:
