@@ -169,13 +169,13 @@ class Checkpointer:
             lambda: _write_bytes(join(uri, "rng", f"rank_{self.world.rank:05d}.pt"), buffer.getvalue()),
             f"writing the RNG state of {uri}",
         )
-        state = self._state(model, optimizer)
+        tensors = self._state(model, optimizer)
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=uri, no_dist=not self.world.distributed)
+            future = dcp.async_save(tensors, checkpoint_id=uri, no_dist=not self.world.distributed)
             self._pending = (future, uri, trainer, started)
         else:
             with_retries(
-                lambda: dcp.save(state, checkpoint_id=uri, no_dist=not self.world.distributed), f"saving {uri}"
+                lambda: dcp.save(tensors, checkpoint_id=uri, no_dist=not self.world.distributed), f"saving {uri}"
             )
             self._commit(uri, trainer, started)
         return uri
